@@ -1,0 +1,39 @@
+"""Networking: tensor codec, capped framing, typed messages, sans-IO handshake, and the async link shell.
+
+Knows nothing about trees or models; see docs/ARCHITECTURE.md ("Wire protocol") for the contract.
+"""
+
+from flowspec.net.codec import DTYPE_CODES, decode_tensor, encode_tensor, packb, unpackb
+from flowspec.net.framing import FrameDecoder, encode_frame
+from flowspec.net.handshake import Handshake, HandshakeState, compute_mac
+from flowspec.net.limits import HANDSHAKE_LIMITS, Limits
+from flowspec.net.link import ChargeBytes, Link, Timeouts, connect, install_uvloop, serve
+from flowspec.net.messages import (
+    Auth,
+    Close,
+    Error,
+    Hello,
+    Message,
+    Open,
+    Ping,
+    Pong,
+    Prefill,
+    Ready,
+    Refuse,
+    Segment,
+    Stats,
+    Verdict,
+    parse_message,
+)
+from flowspec.net.shaping import PRESETS, LinkShape, Shaper
+
+PROTOCOL_VERSION = 1
+
+__all__ = [
+    "DTYPE_CODES", "HANDSHAKE_LIMITS", "PRESETS", "PROTOCOL_VERSION",
+    "Auth", "ChargeBytes", "Close", "Error", "FrameDecoder", "Handshake", "HandshakeState", "Hello", "Limits",
+    "Link", "LinkShape", "Message", "Open", "Ping", "Pong", "Prefill", "Ready", "Refuse", "Segment", "Shaper",
+    "Stats", "Timeouts", "Verdict",
+    "compute_mac", "connect", "decode_tensor", "encode_frame", "encode_tensor", "install_uvloop",
+    "packb", "parse_message", "serve", "unpackb",
+]

@@ -1,0 +1,367 @@
+"""The async shell around the pure codec, framing, messages and handshake.
+
+A ``Link`` owns one TCP connection and one ``TaskGroup`` (reader, heartbeat, and the shaped writer when the link
+is shaped). The reader feeds ``FrameDecoder``, validates with ``parse_message``, answers pings and queues the rest
+for ``recv()``. The first failure is recorded, stops the group, closes the socket, and is raised by every later
+``send``/``recv`` (sticky). Foreign exceptions become flowspec errors in ``_io_errors`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, final
+
+import structlog
+
+from flowspec.compat import TaskGroup, timeout
+from flowspec.errors import FlowSpecError, PeerProtocolError, StageFailed, StageTimeout
+from flowspec.net.framing import HEADER, FrameDecoder, check_length, decode_body, encode_frame
+from flowspec.net.handshake import Handshake, HandshakeState
+from flowspec.net.limits import HANDSHAKE_LIMITS, Limits
+from flowspec.net.messages import Auth, Hello, Message, Ping, Pong, Ready, Refuse, parse_message
+from flowspec.net.shaping import LinkShape, Shaper
+
+__all__ = ["ChargeBytes", "Link", "Timeouts", "connect", "install_uvloop", "serve"]
+
+log = structlog.get_logger("flowspec.net")
+
+ChargeBytes = Callable[[Message, int], int]
+_READ_CHUNK = 1 << 18  # one read() per 256 KiB: a 16-row fp16 segment at H=4096 in one or two reads
+_INBOX_MAX = 64  # messages parked for recv() before the reader stops reading (TCP backpressure to the peer)
+_OUTBOX_MAX = 64  # shaped frames waiting for their emulated delivery time before send() waits
+_CLOSE_GRACE = 1.0  # seconds to flush a last frame (a refuse) before the socket is dropped
+_MAX_PENDING = 64  # concurrent unauthenticated connections per server; more are dropped on accept
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-phase deadlines in seconds."""
+
+    connect: float = 5.0  # a LAN connect takes ms; 5 s rides out one lost SYN (1 s retry) on a busy Pi
+    handshake: float = 5.0  # four small frames; anything slower is a wrong port or a wedged peer
+    frame: float = 30.0  # once a frame has started, its rest must arrive: 8 MiB at 10 Mbit/s is ~7 s
+    heartbeat_interval: float = 1.0  # one ~10-byte ping per second is free even at 1 Mbit/s
+    heartbeat_timeout: float = 5.0  # 5 missed pings: longer than a Wi-Fi spike (<= 0.25 s), short for a user
+
+
+@contextlib.contextmanager
+def _io_errors(what: str) -> Iterator[None]:
+    """The one place where socket and timeout exceptions become flowspec errors."""
+    try:
+        yield
+    except FlowSpecError:
+        raise
+    except asyncio.IncompleteReadError as exc:
+        raise StageFailed(f"{what}: peer closed the connection") from exc
+    except TimeoutError as exc:  # before OSError: TimeoutError is an OSError
+        raise StageTimeout(f"{what}: timed out") from exc
+    except OSError as exc:
+        raise StageFailed(f"{what}: {exc.strerror or exc}") from exc
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop for new loops when it is installed; return whether it is in use."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+@final
+class Link:
+    """One authenticated connection. Create with ``connect`` or receive from ``serve``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, peer: Hello,
+                 limits: Limits, timeouts: Timeouts, shape: LinkShape | None = None,
+                 charge_bytes: ChargeBytes | None = None, name: str = "") -> None:
+        self.peer = peer
+        self.name = name or _peer_name(writer)
+        self.bytes_sent = 0
+        self.bytes_charged = 0
+        self.frames_sent = 0
+        self.bytes_received = 0
+        self._reader, self._writer = reader, writer
+        self._limits, self._timeouts = limits, timeouts
+        self._decoder = FrameDecoder(limits)
+        self._charge = charge_bytes
+        self._shaper = Shaper(shape) if shape is not None else None
+        self._outbox: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(_OUTBOX_MAX)
+        self._inbox: deque[Message] = deque()
+        self._arrived = asyncio.Event()
+        self._space = asyncio.Event()
+        self._down = asyncio.Event()
+        self._error: Exception | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pings = 0
+
+    @property
+    def error(self) -> Exception | None:
+        """Why the link is down, or None while it is up."""
+        return self._error
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"link {self.name}")
+
+    async def send(self, msg: Message) -> None:
+        """Queue ``msg`` for the peer (after its emulated delay on a shaped link). Raises the link's error."""
+        self._raise_if_down()
+        frame = encode_frame(msg.to_wire())
+        charged = self._charge(msg, len(frame)) if self._charge is not None else len(frame)
+        self.bytes_sent += len(frame)
+        self.bytes_charged += charged
+        self.frames_sent += 1
+        if self._shaper is None:
+            await self._write(frame)
+            return
+        deliver_at = self._shaper.deliver_at(asyncio.get_running_loop().time(), charged)
+        await self._outbox.put((deliver_at, frame))
+
+    async def recv(self, timeout_s: float | None = None) -> Message:
+        """The next message from the peer. StageTimeout after ``timeout_s``; the link's error once it is down."""
+        while not self._inbox:
+            self._raise_if_down()
+            self._arrived.clear()
+            with _io_errors(f"waiting for a message from {self.name}"):
+                async with timeout(timeout_s):
+                    await self._arrived.wait()
+        self._space.set()
+        return self._inbox.popleft()
+
+    async def close(self) -> None:
+        """Close the connection (idempotent). Later calls raise StageFailed('closed by this side')."""
+        self._fail(StageFailed(f"link to {self.name} closed by this side"), log_it=False)
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        else:
+            await _close_writer(self._writer)
+
+    async def __aenter__(self) -> Link:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _raise_if_down(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _fail(self, exc: Exception, *, log_it: bool = True) -> None:
+        if self._error is not None:
+            return
+        self._error = exc
+        if log_it:
+            log.warning("net.link_failed", peer=self.name, error=type(exc).__name__, reason=str(exc))
+        if isinstance(exc, PeerProtocolError):
+            with contextlib.suppress(Exception):  # best effort: tell the peer why before closing
+                self._writer.write(encode_frame(Refuse(code=exc.code, reason=str(exc)).to_wire()))
+        self._down.set()
+        self._arrived.set()
+        self._space.set()
+
+    async def _run(self) -> None:
+        jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [self._read_loop, self._heartbeat]
+        if self._shaper is not None:
+            jobs.append(self._write_loop)
+        try:
+            async with TaskGroup() as tg:
+                tasks = [tg.create_task(self._guard(job)) for job in jobs]
+                await self._down.wait()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            self._fail(StageFailed(f"link to {self.name} stopped"), log_it=False)  # no-op unless cancelled
+            await _close_writer(self._writer)
+
+    async def _guard(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run one of the link's jobs; its failure becomes the link's error instead of escaping the group."""
+        try:
+            await job()
+        except FlowSpecError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug in flowspec: keep it visible, fail only this link
+            log.exception("net.link_bug", peer=self.name)
+            self._fail(exc, log_it=False)
+
+    async def _write(self, frame: bytes) -> None:
+        with _io_errors(f"sending to {self.name}"):
+            async with timeout(self._timeouts.frame):
+                self._writer.write(frame)
+                await self._writer.drain()
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            deliver_at, frame = await self._outbox.get()
+            delay = deliver_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._write(frame)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self._timeouts.heartbeat_interval)
+            self._pings += 1
+            await self.send(Ping(n=self._pings))
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        frame_started: float | None = None
+        while True:
+            budget, what = self._timeouts.heartbeat_timeout, "heartbeat: no data"
+            if frame_started is not None and frame_started + self._timeouts.frame - loop.time() < budget:
+                budget, what = frame_started + self._timeouts.frame - loop.time(), "frame not completed"
+            with _io_errors(f"{what} from {self.name} within {budget:.3g} s"):
+                async with timeout(max(budget, 0.0)):
+                    data = await self._reader.read(_READ_CHUNK)
+            if not data:
+                raise StageFailed(f"{self.name} closed the connection")
+            self.bytes_received += len(data)
+            self._decoder.feed(data)
+            while (raw := self._decoder.next_message()) is not None:
+                await self._dispatch(parse_message(raw, self._limits))
+            in_frame = self._decoder.in_frame
+            frame_started = (frame_started or loop.time()) if in_frame else None
+
+    async def _dispatch(self, msg: Message) -> None:
+        match msg:
+            case Ping(n=n):
+                await self.send(Pong(n=n))
+            case Pong():
+                pass
+            case Refuse(code=code, reason=reason):
+                raise StageFailed(f"{self.name} closed the link ({code}): {reason}")
+            case Hello() | Auth() | Ready():
+                raise PeerProtocolError(f"unexpected {msg.kind!r} after the handshake")
+            case _:
+                while len(self._inbox) >= _INBOX_MAX:
+                    self._space.clear()
+                    await self._space.wait()
+                self._inbox.append(msg)
+                self._arrived.set()
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    addr = writer.get_extra_info("peername")
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
+
+
+def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        async with timeout(_CLOSE_GRACE):
+            await writer.wait_closed()
+
+
+async def _read_frame(reader: asyncio.StreamReader, limits: Limits) -> dict[str, Any]:
+    prefix = await reader.readexactly(HEADER.size)
+    (length,) = HEADER.unpack(prefix)
+    check_length(length, limits)
+    return decode_body(await reader.readexactly(length), limits)
+
+
+async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hs: Handshake,
+                     timeouts: Timeouts, name: str) -> Hello:
+    """Drive ``hs`` over the socket. Reads exact frames, so no byte after ``ready`` is consumed here."""
+    try:
+        with _io_errors(f"handshake with {name}"):
+            async with timeout(timeouts.handshake):
+                out = hs.start()
+                while True:
+                    for msg in out:
+                        writer.write(encode_frame(msg.to_wire()))
+                    await writer.drain()
+                    if hs.state in (HandshakeState.DONE, HandshakeState.FAILED):
+                        break
+                    out = hs.receive(parse_message(await _read_frame(reader, HANDSHAKE_LIMITS), HANDSHAKE_LIMITS))
+    except PeerProtocolError as exc:
+        if hs.state is not HandshakeState.FAILED:
+            with contextlib.suppress(Exception):
+                writer.write(encode_frame(Refuse(code=exc.code, reason=str(exc)).to_wire()))
+        raise
+    if hs.error is not None:
+        raise hs.error
+    assert hs.peer is not None
+    return hs.peer
+
+
+async def connect(host: str, port: int, *, hello: Hello, expect_index: int, secret: bytes | None,
+                  limits: Limits, timeouts: Timeouts, shape: LinkShape | None = None,
+                  charge_bytes: ChargeBytes | None = None) -> Link:
+    """Connect to the stage expected at ``expect_index``, handshake, and return a started ``Link``.
+
+    ``hello`` is a template: its nonce is replaced by a fresh random one for this connection.
+    """
+    name = f"{host}:{port}"
+    with _io_errors(f"cannot reach stage {expect_index} at {name}"):
+        async with timeout(timeouts.connect):
+            reader, writer = await asyncio.open_connection(host, port)
+    try:
+        _set_nodelay(writer)
+        hs = Handshake(replace(hello, nonce=os.urandom(16)), secret=secret, acceptor=False,
+                       expect_index=expect_index)
+        peer = await _handshake(reader, writer, hs, timeouts, name)
+    except BaseException:
+        writer.close()  # flushes a refuse we may have queued, without awaiting under cancellation
+        raise
+    link = Link(reader, writer, peer=peer, limits=limits, timeouts=timeouts, shape=shape,
+                charge_bytes=charge_bytes, name=name)
+    link.start()
+    return link
+
+
+async def serve(host: str, port: int, *, hello: Hello, secret: bytes | None, limits: Limits,
+                timeouts: Timeouts, on_link: Callable[[Link], Awaitable[None]],
+                shape: LinkShape | None = None, charge_bytes: ChargeBytes | None = None,
+                max_pending: int = _MAX_PENDING) -> asyncio.Server:
+    """Listen; handshake each connection, then run ``on_link(link)`` and close the link when it returns.
+
+    A failed handshake or a link that fails inside ``on_link`` is logged with the peer address and the reason
+    and closes that connection only. At most ``max_pending`` connections may be mid-handshake at once.
+    """
+    pending = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal pending
+        name = _peer_name(writer)
+        if pending >= max_pending:
+            log.warning("net.refused", peer=name, reason=f"{pending} handshakes already pending")
+            writer.transport.abort()
+            return
+        pending += 1
+        try:
+            _set_nodelay(writer)
+            hs = Handshake(replace(hello, nonce=os.urandom(16)), secret=secret, acceptor=True)
+            peer = await _handshake(reader, writer, hs, timeouts, name)
+        except FlowSpecError as exc:
+            log.warning("net.handshake_failed", peer=name, error=type(exc).__name__, reason=str(exc))
+            writer.close()
+            return
+        finally:
+            pending -= 1
+        link = Link(reader, writer, peer=peer, limits=limits, timeouts=timeouts, shape=shape,
+                    charge_bytes=charge_bytes, name=name)
+        link.start()
+        try:
+            await on_link(link)
+        except FlowSpecError as exc:
+            log.warning("net.link_closed", peer=name, error=type(exc).__name__, reason=str(exc))
+        finally:
+            await link.close()
+
+    return await asyncio.start_server(handle, host, port)
