@@ -70,9 +70,9 @@ PROMPTS = [
 @pytest.mark.parametrize("num_stages", [1, 2, 3, 4, 5])
 def test_smollm2_chain_matches_transformers(smollm2: Path, tmp_path: Path, num_stages: int, smollm2_ref) -> None:
     tok = load_tokenizer(smollm2)
-    for i, prompt in enumerate(PROMPTS):
+    shards = split_model(smollm2, None, num_stages, out_dir=tmp_path / "s")
+    for prompt in PROMPTS:
         tokens = torch.tensor(tok(prompt)["input_ids"])
-        shards = split_model(smollm2, None, num_stages, out_dir=tmp_path / f"s{i}")
         n = len(tokens)
         ours = run_chain(shards, tokens, [n - 3, 1, 2])
         assert_close(ours, smollm2_ref(tokens), 2e-3)
