@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from flowspec.errors import PeerProtocolError
-import sys
-
 from flowspec.net import FrameDecoder, Limits, Message, decode_tensor, encode_frame, encode_tensor, parse_message
 from net_golden import GOLDEN, LIMITS, same_message
 
