@@ -66,3 +66,9 @@ def smollm2_ref(smollm2: Path):  # type: ignore[no-untyped-def]
             return model(tokens[None]).logits[0].float()
 
     return logits
+
+
+@pytest.fixture(scope="session")
+def tiny_factory():  # type: ignore[no-untyped-def]
+    """make_tiny itself, for tests that need extra models (test files are not a package)."""
+    return make_tiny

@@ -1,0 +1,99 @@
+"""Drafters: `self` reproduces the target, tree expansion matches paths, sync handles divergence, tokenizers checked."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowspec.errors import ConfigError, ModelMismatch
+from flowspec.model.drafter import make_drafter
+from flowspec.model.load import load_full
+
+
+def save_tokenizer(folder: Path, words: list[str]) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[2]))
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=words[2]).save_pretrained(folder)
+
+
+def target_logprobs(folder: Path, tokens: list[int], layers: int | None = None) -> torch.Tensor:
+    model, head = load_full(folder, num_layers=layers)
+    return torch.log_softmax(head(model(torch.tensor(tokens), torch.arange(len(tokens)), model.new_cache(64))), -1)
+
+
+@pytest.mark.parametrize("spec,layers", [("self", None), ("self:layers=3", 3)])
+def test_self_drafter_reproduces_target(tiny_model: Path, spec: str, layers: int | None) -> None:
+    prompt = [5, 9, 2, 44, 17, 3]
+    d = make_drafter(spec, tiny_model)
+    d.sync(prompt[:-1])
+    got = d.expand([prompt[-1]], [-1], [len(prompt) - 1])
+    want = target_logprobs(tiny_model, prompt, layers)[-1]
+    torch.testing.assert_close(got[0], want, atol=2e-5, rtol=1e-4)
+    assert got.dtype == torch.float32
+
+
+def test_expand_levels_match_paths_and_reset(tiny_llama: Path) -> None:
+    ctx = [4, 8, 15, 16]
+    d = make_drafter("self", tiny_llama, capacity=5)  # small: forces the cache to grow
+    d.sync(ctx)
+    lvl1 = d.expand([23, 42], [-1, -1], [4, 4])
+    lvl2 = d.expand([7, 8, 9], [0, 1, 2], [5, 5, 6])  # node 4 is a child of node 2 from this same call
+    assert d.num_scratch == 5
+    for row, path in [(lvl1[0], [23]), (lvl1[1], [42]), (lvl2[0], [23, 7]), (lvl2[1], [42, 8]), (lvl2[2], [23, 7, 9])]:
+        torch.testing.assert_close(row, target_logprobs(tiny_llama, ctx + path)[-1], atol=2e-5, rtol=1e-4)
+    d.reset_scratch()
+    assert d.cache.length == len(ctx)
+
+
+def test_sync_divergence_recomputes(tiny_llama: Path) -> None:
+    d = make_drafter("self", tiny_llama)
+    d.sync([1, 2, 3, 4, 5, 6])
+    d.expand([9], [-1], [6])
+    d.sync([1, 2, 3, 7, 8])  # diverges at index 3: truncate to 3, forward [7, 8]
+    assert d.cache.length == 5 and d.num_scratch == 0
+    got = d.expand([9], [-1], [5])[0]
+    torch.testing.assert_close(got, target_logprobs(tiny_llama, [1, 2, 3, 7, 8, 9])[-1], atol=2e-5, rtol=1e-4)
+
+
+def test_random_drafter_is_seeded_and_uses_target_vocab(tiny_qwen2: Path) -> None:
+    a, b = make_drafter("random", tiny_qwen2, seed=3), make_drafter("random", tiny_qwen2, seed=3)
+    for d in (a, b):
+        d.sync([1, 2, 3])
+    la, lb = a.expand([4], [-1], [3]), b.expand([4], [-1], [3])
+    assert la.shape == (1, 97) and torch.equal(la, lb)
+
+
+def test_bad_spec_refused(tiny_llama: Path) -> None:
+    with pytest.raises(ConfigError, match="self:layers=N"):
+        make_drafter("self:layerz=3", tiny_llama)
+
+
+@pytest.fixture()
+def with_tokenizers(tmp_path: Path, tiny_llama: Path, tiny_factory) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    make_tiny = tiny_factory
+    words = [f"w{i}" for i in range(97)]
+    target = tmp_path / "target"
+    shutil.copytree(tiny_llama, target)
+    save_tokenizer(target, words)
+    same = make_tiny(tmp_path / "same", "llama", seed=5, layers=2)
+    save_tokenizer(same, words)
+    other = make_tiny(tmp_path / "other", "llama", seed=6, layers=2)
+    save_tokenizer(other, [f"x{i}" for i in range(97)])
+    small = make_tiny(tmp_path / "small", "llama", seed=7, layers=2, vocab=50)
+    save_tokenizer(small, words[:50])
+    return {"target": target, "same": same, "other": other, "small": small}
+
+
+def test_tokenizer_mismatch_refused(with_tokenizers: dict[str, Path]) -> None:
+    target = with_tokenizers["target"]
+    assert make_drafter(str(with_tokenizers["same"]), target).model.num_layers == 2
+    with pytest.raises(ModelMismatch, match="different tokenizers"):
+        make_drafter(str(with_tokenizers["other"]), target)
+    with pytest.raises(ModelMismatch, match="vocab size 50"):
+        make_drafter(str(with_tokenizers["small"]), target)
