@@ -336,7 +336,7 @@ async def serve(host: str, port: int, *, hello: Hello, secret: bytes | None, lim
     """
     pending = 0
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal pending
         name = _peer_name(writer)
         if pending >= max_pending:
@@ -360,8 +360,17 @@ async def serve(host: str, port: int, *, hello: Hello, secret: bytes | None, lim
         try:
             await on_link(link)
         except FlowSpecError as exc:
-            log.warning("net.link_closed", peer=name, error=type(exc).__name__, reason=str(exc))
+            if exc is not link.error:  # the link logs its own failure once
+                log.warning("net.link_closed", peer=name, error=type(exc).__name__, reason=str(exc))
         finally:
             await link.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await serve_one(reader, writer)
+        except asyncio.CancelledError:
+            # Server shutdown. Nobody awaits this task, and 3.11's start_server callback crashes on a cancelled
+            # task (fixed in 3.12), so the cancellation ends here once the socket is dropped.
+            writer.transport.abort()
 
     return await asyncio.start_server(handle, host, port)
