@@ -97,3 +97,15 @@ def test_tokenizer_mismatch_refused(with_tokenizers: dict[str, Path]) -> None:
         make_drafter(str(with_tokenizers["other"]), target)
     with pytest.raises(ModelMismatch, match="vocab size 50"):
         make_drafter(str(with_tokenizers["small"]), target)
+
+
+@pytest.mark.slow
+def test_smollm2_self_drafter_matches_transformers(smollm2: Path, smollm2_ref) -> None:  # type: ignore[no-untyped-def]
+    from flowspec.model.load import load_tokenizer
+
+    prompt = load_tokenizer(smollm2)("Write a haiku about pipelines.")["input_ids"]
+    d = make_drafter("self", "smollm2-135m")
+    d.sync(prompt[:-1])
+    got = d.expand(prompt[-1:], [-1], [len(prompt) - 1])[0]
+    want = torch.log_softmax(smollm2_ref(torch.tensor(prompt))[-1], -1)
+    assert (got - want).abs().max().item() < 2e-3 and got.argmax() == want.argmax()
