@@ -1,0 +1,17 @@
+"""Sans-IO decoding core: events in, actions out. No asyncio, sockets or model code in here."""
+
+from flowspec.sched.actions import Action, BroadcastVerdict, EmitTokens, Finish, RunDraft, SendSegment
+from flowspec.sched.budget import Budget, Mode
+from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageLost
+from flowspec.sched.growth import Candidate, DraftJob, ExpandRequest, LayerGrowth, TreeGrowth
+from flowspec.sched.sampling import SamplingParams, choose_token
+from flowspec.sched.scheduler import DecodeStats, RequestState, Scheduler
+from flowspec.sched.stage import Admission, Compaction, StageTree
+from flowspec.sched.tree import CONTEXT, DraftTree, Node, NodeState
+
+__all__ = [
+    "CONTEXT", "Action", "Admission", "BroadcastVerdict", "Budget", "Cancelled", "Candidate", "Compaction",
+    "DecodeStats", "DraftJob", "DraftReady", "DraftTree", "EmitTokens", "Event", "ExpandRequest", "Finish",
+    "LayerGrowth", "Mode", "Node", "NodeState", "Prefilled", "RequestState", "RunDraft", "SamplingParams",
+    "Scheduler", "SegmentReturned", "SendSegment", "StageLost", "StageTree", "TreeGrowth", "choose_token",
+]

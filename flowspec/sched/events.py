@@ -1,0 +1,63 @@
+"""Events the head's scheduler consumes. Don't subclass these: match on their types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, final
+
+if TYPE_CHECKING:
+    import torch
+
+    from flowspec.sched.growth import DraftJob
+
+__all__ = ["Cancelled", "DraftReady", "Event", "Prefilled", "SegmentReturned", "StageLost"]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Prefilled:
+    """The prompt went through every stage; `logits` is the target's distribution after its last token."""
+
+    logits: torch.Tensor  # [V] float32
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SegmentReturned:
+    """Segment `step` came back from the last stage with the target's logits for its rows.
+
+    `ids` are the rows the stages kept (they may have filtered dead ones); `logits[i]` is the target's
+    next-token logits after node `ids[i]`. Rows the head already knows dead may be passed or left out.
+    """
+
+    step: int
+    ids: tuple[int, ...]
+    logits: torch.Tensor  # [len(ids), V] float32
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class DraftReady:
+    """A draft job the scheduler asked for (`RunDraft`) has been driven to completion."""
+
+    job: DraftJob
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class StageLost:
+    """The shell lost a stage (dead, stalled or refused); the request cannot continue on this pipeline."""
+
+    stage: int
+    reason: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The client went away."""
+
+    reason: str = "cancelled by client"
+
+
+Event = Prefilled | SegmentReturned | DraftReady | StageLost | Cancelled

@@ -1,0 +1,92 @@
+"""Property tests: the sans-IO core, driven through FakePipeline under adversarial interleavings."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from flowspec.sched.budget import Mode
+from flowspec.sched.sampling import SamplingParams
+from tests.sched.harness import FakePipeline, budget_for, sequential_oracle
+
+MODES = [Mode.AR, Mode.CHUNK, Mode.PIPEDEC, Mode.FLOWSPEC]
+
+
+@settings(max_examples=60, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mode=st.sampled_from(MODES),
+    stages=st.integers(1, 5),
+    agreement=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+    prompt=st.lists(st.integers(0, 15), min_size=1, max_size=6),
+    topk=st.integers(1, 3),
+    depth=st.integers(0, 3),
+    segment=st.integers(1, 5),
+    schedule_seed=st.integers(0, 2**32 - 1),
+)
+def test_greedy_output_equals_sequential_under_any_interleaving(
+    mode: Mode, stages: int, agreement: float, prompt: list[int], topk: int, depth: int, segment: int,
+    schedule_seed: int,
+) -> None:
+    budget = budget_for(mode, stages, topk=topk, depth=depth, expand_depth=depth, segment=segment,
+                        width=topk, init_tokens=8, expand_tokens=6)
+    sampling = SamplingParams()
+    pipe = FakePipeline(prompt, budget, sampling, max_new_tokens=24, agreement=agreement, eos=(7,))
+    rng = random.Random(schedule_seed)
+    out = pipe.run(lambda n: rng.randrange(n))  # invariants I1-I8 are checked after every move
+    assert out == sequential_oracle(prompt, sampling, 24, eos=(7,))
+
+
+@settings(max_examples=30, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    mode=st.sampled_from(MODES),
+    stages=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+    temperature=st.sampled_from([0.7, 1.0, 1.5]),
+    top_p=st.sampled_from([1.0, 0.9]),
+    schedule_seed=st.integers(0, 2**32 - 1),
+)
+def test_sampled_output_is_the_seeded_sequential_sample(
+    mode: Mode, stages: int, seed: int, temperature: float, top_p: float, schedule_seed: int
+) -> None:
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    budget = budget_for(mode, stages)
+    pipe = FakePipeline([1, 2, 3], budget, sampling, max_new_tokens=16, agreement=0.8, sharp=False)
+    rng = random.Random(schedule_seed)
+    assert pipe.run(lambda n: rng.randrange(n)) == sequential_oracle([1, 2, 3], sampling, 16, sharp=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_perfect_draft_pays_off_in_every_speculative_mode(mode: Mode) -> None:
+    budget = budget_for(mode, 4, topk=2, depth=3, init_tokens=8, expand_tokens=6, segment=4)
+    pipe = FakePipeline([5], budget, SamplingParams(), max_new_tokens=40, agreement=1.0)
+    rng = random.Random(7)
+    pipe.run(lambda n: rng.randrange(n))
+    stats = pipe.sched.stats
+    if mode is Mode.AR:
+        assert stats.mean_accepted == 1.0
+    elif mode is Mode.PIPEDEC:  # one layer per step: at most one token per verification, but every step
+        assert stats.mean_accepted == 1.0 and stats.committed / stats.steps > 0.5, stats
+    else:
+        assert stats.mean_accepted > 1.5, stats
+
+
+def test_flowspec_keeps_the_pipeline_full() -> None:
+    """With a perfect drafter every slot stays occupied: steps >> verifications x 1 segment."""
+    budget = budget_for(Mode.FLOWSPEC, 4, topk=2, depth=3, init_tokens=10, expand_tokens=8, segment=3)
+    pipe = FakePipeline([5], budget, SamplingParams(), max_new_tokens=60, agreement=1.0)
+    rng = random.Random(1)
+    pipe.run(lambda n: rng.randrange(n))
+    stats = pipe.sched.stats
+    assert stats.committed + 1 == 60
+    assert stats.committed / stats.steps > 0.5  # tokens per pipeline step well above AR's 1 / (N + 1)
+
+
+def test_stage_memory_stays_bounded_over_a_long_generation() -> None:
+    budget = budget_for(Mode.FLOWSPEC, 3)
+    pipe = FakePipeline([1], budget, SamplingParams(), max_new_tokens=400, agreement=0.6)
+    rng = random.Random(3)
+    pipe.run(lambda n: rng.randrange(n), max_moves=200_000)
+    assert pipe.max_cache <= 1 + 400 + budget.tree_slack
