@@ -76,3 +76,21 @@ def test_smollm2_chain_matches_transformers(smollm2: Path, tmp_path: Path, num_s
         n = len(tokens)
         ours = run_chain(shards, tokens, [n - 3, 1, 2])
         assert_close(ours, smollm2_ref(tokens), 2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.qwen
+def test_qwen05_matches_transformers() -> None:
+    """The realistic draft (qwen2 arch, q/k/v biases, untied head) through our code vs transformers."""
+    from flowspec.model.registry import RECEIPT, model_dir
+
+    if not (model_dir("qwen2.5-coder-0.5b") / RECEIPT).is_file():
+        pytest.skip("qwen2.5-coder-0.5b not pulled (flowspec models pull qwen2.5-coder-0.5b)")
+    tokens = torch.tensor(load_tokenizer("qwen2.5-coder-0.5b")(PROMPTS[1])["input_ids"])
+    model, head = load_full("qwen2.5-coder-0.5b")
+    cache = model.new_cache(64)
+    n = len(tokens)
+    ours = torch.cat([head(model(tokens[:a], torch.arange(0, a), cache)) if a == n - 2 else
+                      head(model(tokens[n - 2 :], torch.arange(n - 2, n), cache)) for a in (n - 2, n)])
+    del model, head
+    assert_close(ours, reference_logits(model_dir("qwen2.5-coder-0.5b"), tokens), 5e-3)
