@@ -15,7 +15,7 @@ from flowspec.errors import LocalProtocolError
 from flowspec.sched.actions import Action, BroadcastVerdict, EmitTokens, Finish, RunDraft, SendSegment
 from flowspec.sched.budget import Budget, Mode
 from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageLost
-from flowspec.sched.growth import DraftJob, LayerGrowth, TreeGrowth
+from flowspec.sched.growth import Candidate, DraftJob, LayerGrowth, TreeGrowth
 from flowspec.sched.sampling import SamplingParams, choose_token
 from flowspec.sched.tree import CONTEXT, DraftTree, Node, NodeState
 
@@ -82,6 +82,7 @@ class Scheduler:
         self.finish_reason: str | None = None
         self.stats = DecodeStats()
         self.seq = 0  # verdicts issued
+        self.committed_positions: dict[int, int] = {}  # node id -> position, for drafts that outlive their root
         self.in_flight: dict[int, tuple[int, ...]] = {}  # step -> node ids sent
         self.drafting = False
         self.policy = _POLICIES[budget.mode](self)
@@ -163,6 +164,7 @@ class Scheduler:
             token = choose_token(root.logits, self.sampling, root.position + 1)
             old_root, _ = self.tree.advance_root(token)
             commit.append(old_root)
+            self.committed_positions[old_root] = root.position
             emitted.append(token)
             self.committed.append(token)
             reason = self._stop_reason(token)
@@ -236,17 +238,34 @@ class Scheduler:
         )
 
     def _merge(self, job: DraftJob) -> None:
-        """Add a finished job's candidates to the tree, merging by token path."""
-        ids: list[int] = []
+        """Add a finished job's candidates to the tree, merging by token path.
+
+        The root may have moved on while the job ran. A candidate whose parent got committed is still a valid
+        draft when its token is the one that was committed next: it then stands for that committed position,
+        or for the current root, and its own children become the root's children.
+        """
+        places: list[int | None] = []  # per candidate: a live node id, a committed position (encoded < -1)
         for cand in job.candidates:
-            parent = ids[cand.parent_cand] if cand.parent_cand >= 0 else cand.parent_id
-            if parent < 0 or not self.tree.is_live(parent):
-                ids.append(-1)  # the anchor (or this branch) died while the job ran
-                continue
-            if self.tree.nodes[parent].position + 1 >= self.max_context or len(self.tree) >= self.budget.max_tree:
-                ids.append(-1)
-                continue
-            ids.append(self.tree.add_child(parent, cand.token, cand.logprob).id)
+            parent = places[cand.parent_cand] if cand.parent_cand >= 0 else self._place_of(cand.parent_id)
+            places.append(self._child_place(parent, cand))
+
+    def _place_of(self, node_id: int) -> int | None:
+        if self.tree.is_live(node_id):
+            return node_id
+        position = self.committed_positions.get(node_id)
+        return None if position is None else -2 - position
+
+    def _child_place(self, parent: int | None, cand: Candidate) -> int | None:
+        if parent is None:
+            return None  # this branch died while the job ran
+        if parent < -1:  # the parent is committed at `position`: follow the committed sequence
+            position = -2 - parent + 1
+            if position >= len(self.committed) or self.committed[position] != cand.token:
+                return None
+            return self.tree.root_id if position == self.tree.root.position else -2 - position
+        if self.tree.nodes[parent].position + 1 >= self.max_context or len(self.tree) >= self.budget.max_tree:
+            return None
+        return self.tree.add_child(parent, cand.token, cand.logprob).id
 
     # -- endings --------------------------------------------------------------------------------------
     def _finish(self, reason: str, actions: list[Action]) -> list[Action]:

@@ -1,0 +1,136 @@
+"""The peers file and the secret: parsed and validated once, with line-numbered errors.
+
+    # peers.txt: one host:port per line in pipeline order, the head (D0) first
+    192.168.1.10:7000
+    192.168.1.11:7001  layers=8
+    192.168.1.12:7001  layers=8
+    192.168.1.13:7001  layers=7  profile=pi5-8b
+
+Options: `layers=N` (how many target layers this stage holds; give it on every stage or on none, for a
+balanced split), `profile=NAME` (device cost profile, for the emulated testbed).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowspec.errors import ConfigError
+
+__all__ = ["Peer", "Peers", "load_secret", "parse_peers", "read_peers"]
+
+_OPTIONS = ("layers", "profile")
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    host: str
+    port: int
+    line: int = 0
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    head: Peer
+    stages: tuple[Peer, ...]  # V1..VN
+    source: str = "<peers>"
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def stage(self, index: int) -> Peer:
+        if not 1 <= index <= self.num_stages:
+            raise ConfigError(f"{self.source}: --index {index} is not a stage; use 1..{self.num_stages} "
+                              "(line 1 is the head)")
+        return self.stages[index - 1]
+
+    @property
+    def layers(self) -> list[int] | None:
+        """Per-stage layer counts when the file gives them, None for a balanced split."""
+        given = [p.options.get("layers") for p in self.stages]
+        if not any(given):
+            return None
+        missing = [p.line for p, g in zip(self.stages, given) if not g]
+        if missing:
+            raise ConfigError(f"{self.source}: layers= is given on some stages but not on lines {missing}; "
+                              "give it on every stage line or on none")
+        return [int(g) for g in given if g]
+
+
+def _parse_line(text: str, line: int, source: str) -> Peer:
+    fields = text.split()
+    address, options = fields[0], {}
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{source}:{line}: expected host:port, got {address!r}")
+    host = host.strip("[]")  # [::1]:7000
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{source}:{line}: port must be 1..65535, got {port_text!r}")
+    for option in fields[1:]:
+        key, eq, value = option.partition("=")
+        if not eq or key not in _OPTIONS or not value:
+            raise ConfigError(f"{source}:{line}: unknown option {option!r}; known: "
+                              + ", ".join(f"{k}=..." for k in _OPTIONS))
+        if key == "layers" and (not value.isdigit() or int(value) < 1):
+            raise ConfigError(f"{source}:{line}: layers must be a positive integer, got {value!r}")
+        options[key] = value
+    return Peer(host, int(port_text), line, options)
+
+
+def parse_peers(text: str, source: str = "<peers>") -> Peers:
+    peers: list[Peer] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        content = raw.split("#", 1)[0].strip()
+        if content:
+            peers.append(_parse_line(content, number, source))
+    if len(peers) < 2:
+        raise ConfigError(f"{source}: needs at least two lines (the head, then one stage or more); "
+                          f"found {len(peers)}")
+    seen: dict[str, int] = {}
+    for peer in peers[1:]:
+        if peer.address in seen:
+            raise ConfigError(f"{source}:{peer.line}: {peer.address} is already stage line {seen[peer.address]}")
+        seen[peer.address] = peer.line
+    if "layers" in peers[0].options:
+        raise ConfigError(f"{source}:{peers[0].line}: the head holds no target layers; drop layers= there")
+    return Peers(peers[0], tuple(peers[1:]), source)
+
+
+def read_peers(path: str | os.PathLike[str]) -> Peers:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read peers file {p}: {exc.strerror or exc}") from exc
+    return parse_peers(text, str(p))
+
+
+def load_secret(secret_file: str | None = None) -> bytes | None:
+    """The shared secret: from --secret-file, else $FLOWSPEC_SECRET, else none."""
+    if secret_file:
+        try:
+            data = Path(secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {secret_file}: {exc.strerror or exc}") from exc
+        if not data:
+            raise ConfigError(f"secret file {secret_file} is empty")
+        return data
+    env = os.environ.get("FLOWSPEC_SECRET", "").strip()
+    return env.encode() if env else None

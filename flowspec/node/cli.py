@@ -1,0 +1,101 @@
+"""`flowspec-node`: run one pipeline stage on this device.
+
+    flowspec-node --peers peers.txt --index 2 --model qwen2.5-coder-1.5b
+
+The peers file lists host:port per line in pipeline order, the head first; this process serves line
+`--index` (1 = the first stage after the head). It loads only its own shard (splitting the model once if the
+shards are not there yet) and serves until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import structlog
+
+from flowspec.config import read_peers
+from flowspec.errors import ConfigError, FlowSpecError
+from flowspec.logging import configure_logging
+from flowspec.net import LinkShape, Timeouts, install_uvloop, serve
+
+__all__ = ["main", "node_parser"]
+
+
+def node_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowspec-node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peers", required=True, help="peers file: host:port per line, head first, '#' comments")
+    p.add_argument("--index", type=int, required=True, help="which stage this is: 1..N (line N+1 of the file)")
+    p.add_argument("--model", required=True, help="model name (see `flowspec models list`) or an HF folder")
+    p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
+    p.add_argument("--secret-file", help="file holding the shared secret (else $FLOWSPEC_SECRET)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback address without a shared secret")
+    p.add_argument("--link", help="emulate this link on the outgoing ring hop, e.g. 150mbit,1ms or gbe")
+    p.add_argument("--profile", help="emulate a device cost profile (e.g. jetson-7b, pi5-8b)")
+    p.add_argument("--dilation", type=float, default=1.0, help="time dilation for --profile and --link")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a peer is dead")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from flowspec.config import load_secret
+    from flowspec.node.build import build_stage, deployment
+    from flowspec.node.pacer import Pacer
+
+    peers = read_peers(args.peers)
+    me = peers.stage(args.index)
+    secret = load_secret(args.secret_file)
+    if not me.is_loopback and secret is None and not args.insecure:
+        raise ConfigError(f"refusing to listen on {me.address} without a shared secret: anyone on the LAN "
+                          "could drive this stage. Set FLOWSPEC_SECRET (or --secret-file), or pass --insecure.")
+    log = structlog.get_logger("flowspec.node").bind(stage=args.index)
+    dep = deployment(args.model, peers.num_stages, peers.layers, args.cache_dir)
+    timeouts = Timeouts(heartbeat_timeout=args.heartbeat_timeout)
+    shape = LinkShape.parse(args.link).scaled(args.dilation) if args.link else None
+    pacer = Pacer()
+    if args.profile:
+        from flowspec.model.profiles import load_profile
+
+        pacer = Pacer(load_profile(args.profile).stage_cost, args.dilation)
+    node = build_stage(dep, peers, args.index, secret, timeouts, shape=shape, pacer=pacer)
+    server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
+                         timeouts=timeouts, on_link=node.on_link)
+    log.info("node.ready", address=me.address, layers=dep.counts[args.index - 1], model=args.model)
+    print(f"flowspec-node stage {args.index} ready on {me.address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        await node.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = node_parser().parse_args(argv)
+    configure_logging()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    install_uvloop()
+    try:
+        asyncio.run(_serve(args))
+    except FlowSpecError as exc:
+        print(f"flowspec-node: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""The head D0: tokenizer-side logits, the drafter, the scheduler, and the links to every stage.
+
+A thin shell around `flowspec.sched.Scheduler`: it turns arriving frames into events (computing the target's
+logits with the lm_head on the compute thread), hands them to the scheduler, and carries out the actions it
+returns, in order. All decisions live in the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from flowspec.compat import timeout
+from flowspec.errors import FlowSpecError, LocalProtocolError, StageFailed, StageTimeout
+from flowspec.model import Drafter, LMHead
+from flowspec.net import (
+    ChargeBytes, Close, Error, Hello, Limits, Link, LinkShape, Message, Open, Prefill, Segment, Stats, Timeouts,
+    Verdict, connect,
+)
+from flowspec.node.compute import Compute
+from flowspec.node.pacer import Pacer
+from flowspec.sched import (
+    Budget, BroadcastVerdict, DecodeStats, DraftJob, DraftReady, EmitTokens, Event, Finish, Prefilled, RunDraft,
+    RequestState, SamplingParams, Scheduler, SegmentReturned, SendSegment, StageLost,
+)
+
+__all__ = ["GenerationResult", "HeadNode"]
+
+log = structlog.get_logger("flowspec.head")
+
+PREFILL_CHUNK = 60  # prompt tokens per prefill chunk: chunks overlap across stages (spec §B)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    busy: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)  # stage -> intervals
+    bytes_sent: int = 0  # real bytes the head put on the wire for this request
+    bytes_charged: int = 0  # bytes charged on emulated links
+    head_busy_s: float = 0.0  # time the head's compute thread spent (lm_head + drafting)
+    overruns: int = 0
+
+    @property
+    def decode_s(self) -> float:
+        return max(self.total_s - self.ttft_s, 1e-9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.total_s if self.total_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 else 0.0
+
+    def utilization(self, num_stages: int) -> list[float]:
+        """Per-stage busy fraction over the decode phase."""
+        return [min(1.0, sum(e - s for s, e, step in self.busy.get(k, []) if step > 0) / self.decode_s)
+                for k in range(1, num_stages + 1)]
+
+
+@dataclass
+class _Active:
+    inbox: asyncio.Queue[Message | Event] = field(default_factory=asyncio.Queue)
+    stats: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
+    stats_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class HeadNode:
+    def __init__(self, lm_head: LMHead, stages: Sequence[tuple[str, int]], hello: Hello, limits: Limits,
+                 timeouts: Timeouts, secret: bytes | None, drafter: Drafter | None = None,
+                 shape: LinkShape | None = None, charge_bytes: ChargeBytes | None = None,
+                 step_timeout: float = 30.0, head_pacer: Pacer | None = None) -> None:
+        self.lm_head, self.drafter = lm_head, drafter
+        self.addresses = list(stages)
+        self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
+        self.shape, self.charge_bytes = shape, charge_bytes
+        self.step_timeout = step_timeout
+        self.pacer = head_pacer or Pacer()
+        self.compute = Compute()
+        self.links: list[Link] = []
+        self._readers: list[asyncio.Task[None]] = []
+        self._active: dict[int, _Active] = {}
+        self._next_req = 1
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.addresses)
+
+    # -- connections -------------------------------------------------------------------------------------
+    async def connect(self) -> None:
+        for k, (host, port) in enumerate(self.addresses, start=1):
+            shape = self.shape if k == 1 else None  # D0 -> V1 is the head's only ring hop
+            link = await connect(host, port, hello=self.hello, expect_index=k, secret=self.secret,
+                                 limits=self.limits, timeouts=self.timeouts, shape=shape,
+                                 charge_bytes=self.charge_bytes)
+            self.links.append(link)
+            self._readers.append(asyncio.create_task(self._read(k, link), name=f"head reader {k}"))
+
+    async def aclose(self) -> None:
+        for task in self._readers:
+            task.cancel()
+        for task in self._readers:
+            try:
+                await task
+            except (asyncio.CancelledError, FlowSpecError):
+                pass
+        for link in self.links:
+            await link.close()
+        self.compute.close()
+
+    async def _read(self, k: int, link: Link) -> None:
+        """Route every inbound frame of stage k's link to its request; a dead link fails every request."""
+        try:
+            while True:
+                msg = await link.recv()
+                req = getattr(msg, "req", None)
+                active = self._active.get(req) if req is not None else None
+                if active is None:
+                    continue  # a late frame of a finished request
+                if isinstance(msg, Stats):
+                    active.stats[k] = list(msg.busy)
+                    if len(active.stats) == self.num_stages:
+                        active.stats_done.set()
+                elif isinstance(msg, Error):
+                    active.inbox.put_nowait(StageLost(k, f"{msg.code}: {msg.reason}"))
+                else:
+                    active.inbox.put_nowait(msg)
+        except FlowSpecError as exc:
+            log.warning("stage.lost", stage=k, reason=str(exc))
+            for active in self._active.values():
+                active.inbox.put_nowait(StageLost(k, str(exc)))
+
+    # -- one request ----------------------------------------------------------------------------------------
+    async def generate(self, prompt: Sequence[int], budget: Budget, sampling: SamplingParams,
+                       max_new_tokens: int, eos_ids: Sequence[int] = (),
+                       result: GenerationResult | None = None) -> AsyncIterator[list[int]]:
+        """Yield committed tokens as they come. `result` (if given) is filled with tokens and statistics."""
+        if not self.links:
+            raise LocalProtocolError("HeadNode.connect() first")
+        if budget.mode.value != "ar" and self.drafter is None:
+            raise LocalProtocolError(f"mode {budget.mode.value} needs a drafter")
+        result = result if result is not None else GenerationResult()
+        req, self._next_req = self._next_req, self._next_req + 1
+        active = self._active[req] = _Active()
+        sched = Scheduler(prompt, budget, sampling, max_new_tokens, eos_ids,
+                          max_context=len(prompt) + max_new_tokens + 1)
+        drafts: set[asyncio.Task[None]] = set()
+        sent_before = sum(link.bytes_sent for link in self.links)
+        charged_before = sum(link.bytes_charged for link in self.links)
+        start = time.monotonic()
+        try:
+            capacity = len(prompt) + max_new_tokens + budget.tree_slack + 2
+            for link in self.links:
+                await link.send(Open(req, capacity))
+            await self._send_prefill(req, prompt)
+            while not sched.done:
+                event = await self._next_event(active, sched)
+                if event is None:
+                    continue
+                for action in sched.handle(event):
+                    tokens = await self._do(action, req, sched, active, drafts)
+                    if tokens:
+                        if not result.tokens:
+                            result.ttft_s = time.monotonic() - start
+                        result.tokens.extend(tokens)
+                        yield tokens
+            if sched.error:
+                raise StageFailed(f"request failed: {sched.error}")
+        finally:
+            for task in drafts:
+                task.cancel()
+            result.total_s = time.monotonic() - start
+            result.finish_reason = sched.finish_reason or "cancelled"
+            result.stats = sched.stats
+            await self._close_request(req, active, result)
+            result.bytes_sent = sum(link.bytes_sent for link in self.links) - sent_before
+            result.bytes_charged = sum(link.bytes_charged for link in self.links) - charged_before
+            result.overruns += self.pacer.overruns
+
+    async def _next_event(self, active: _Active, sched: Scheduler) -> Event | None:
+        idle = not sched.in_flight and not sched.drafting and active.inbox.empty()
+        if idle and sched.state is RequestState.DECODING:
+            raise LocalProtocolError("scheduler is waiting for nothing: nothing in flight, no draft running")
+        try:
+            async with timeout(self.step_timeout):
+                item = await active.inbox.get()
+        except TimeoutError:
+            raise StageTimeout(f"no progress for {self.step_timeout:.0f} s: a stage is stalled or too slow "
+                               f"(segments in flight: {sorted(sched.in_flight)})") from None
+        return await self._to_event(item, sched)
+
+    async def _to_event(self, item: Message | Event, sched: Scheduler) -> Event | None:
+        match item:
+            case Prefill(last=True, x=x):
+                logits = await self._logits(x)
+                return Prefilled(logits[-1])
+            case Segment(step=step, ids=ids, x=x):
+                id_list = ids.tolist()
+                live = [i for i, node_id in enumerate(id_list) if sched.is_live(node_id)]
+                logits = await self._logits(x[live]) if live else torch.zeros(0, 1)
+                return SegmentReturned(step, tuple(id_list[i] for i in live), logits)
+            case Prefill():
+                return None
+            case _:
+                return item  # type: ignore[return-value]  # an Event put by a reader or a draft task
+
+    async def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out, start, end = await self.compute.timed(self.lm_head.forward, hidden)
+        await self.pacer.pace(hidden.shape[0], start, end)
+        return out
+
+    async def _do(self, action: object, req: int, sched: Scheduler, active: _Active,
+                  drafts: set[asyncio.Task[None]]) -> list[int]:
+        match action:
+            case SendSegment():
+                await self.links[0].send(Segment(
+                    req, action.step, action.after, _ids(action.ids), _ids(action.parents),
+                    _ids(action.positions), _ids(action.tokens)))
+            case BroadcastVerdict():
+                verdict = Verdict(req, action.seq, _ids(action.commit), action.root, action.watermark)
+                for link in self.links:
+                    await link.send(verdict)
+            case RunDraft(job=job):
+                task = asyncio.create_task(self._draft(job, active))
+                drafts.add(task)
+                task.add_done_callback(drafts.discard)
+            case EmitTokens(tokens=tokens):
+                return list(tokens)
+            case Finish():
+                pass
+        return []
+
+    async def _draft(self, job: DraftJob, active: _Active) -> None:
+        drafter = self.drafter
+        assert drafter is not None
+
+        def drive() -> None:
+            drafter.sync(job.context)
+            drafter.reset_scratch()
+            while (request := job.next_request()) is not None:
+                job.feed(drafter.expand(list(request.tokens), list(request.parents), list(request.positions)))
+
+        await self.compute.run(drive)
+        active.inbox.put_nowait(DraftReady(job))
+
+    async def _send_prefill(self, req: int, prompt: Sequence[int]) -> None:
+        ids = torch.tensor(list(prompt), dtype=torch.long)
+        size = min(PREFILL_CHUNK, self.limits.max_rows)
+        chunks = max(1, -(-len(prompt) // size))
+        bounds = [round(i * len(prompt) / chunks) for i in range(chunks + 1)]  # nearly equal chunks
+        for c in range(chunks):
+            a, b = bounds[c], bounds[c + 1]
+            await self.links[0].send(Prefill(req, c, c == chunks - 1, a, ids[a:b]))
+
+    async def _close_request(self, req: int, active: _Active, result: GenerationResult) -> None:
+        for link in self.links:
+            if link.error is None:
+                try:
+                    await link.send(Close(req))
+                except FlowSpecError:
+                    pass
+        try:
+            async with timeout(2.0):
+                await active.stats_done.wait()
+        except TimeoutError:
+            pass
+        result.busy = dict(active.stats)
+        del self._active[req]
+
+
+def _ids(values: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long)

@@ -1,0 +1,125 @@
+"""A local cluster: N `flowspec-node` processes on loopback, for `flowspec run --local` and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from flowspec.config import Peers, read_peers
+from flowspec.errors import ConfigError, StageFailed
+
+__all__ = ["LocalCluster", "free_ports"]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class LocalCluster:
+    """Start stage processes; `peers` describes them; `stop()` (or the context manager) ends them."""
+
+    def __init__(self, model: str, num_stages: int, layers: list[int] | None = None,
+                 cache_dir: str | None = None, secret: bytes | None = None, extra_args: list[str] | None = None,
+                 threads: int = 1) -> None:
+        if num_stages < 1:
+            raise ConfigError(f"--stages must be >= 1, got {num_stages}")
+        self.model, self.num_stages, self.cache_dir = model, num_stages, cache_dir
+        self.secret, self.extra_args, self.threads = secret, extra_args or [], threads
+        self._dir = tempfile.TemporaryDirectory(prefix="flowspec-local-")
+        ports = free_ports(num_stages + 1)
+        lines = [f"127.0.0.1:{ports[0]}  # head (this process)"]
+        for k in range(1, num_stages + 1):
+            option = f"  layers={layers[k - 1]}" if layers else ""
+            lines.append(f"127.0.0.1:{ports[k]}{option}")
+        self.peers_path = Path(self._dir.name) / "peers.txt"
+        self.peers_path.write_text("\n".join(lines) + "\n")
+        self.peers: Peers = read_peers(self.peers_path)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.logs: dict[int, Path] = {}
+
+    def command(self, index: int) -> list[str]:
+        cmd = [sys.executable, "-m", "flowspec.node.cli", "--peers", str(self.peers_path), "--index", str(index),
+               "--model", self.model, "--threads", str(self.threads), *self.extra_args]
+        if self.cache_dir:
+            cmd += ["--cache-dir", self.cache_dir]
+        return cmd
+
+    def start_stage(self, index: int) -> None:
+        env = dict(os.environ)
+        if self.secret:
+            env["FLOWSPEC_SECRET"] = self.secret.decode()
+        log = Path(self._dir.name) / f"stage-{index}.log"
+        self.logs[index] = log
+        with open(log, "ab") as out:
+            self.procs[index] = subprocess.Popen(self.command(index), stdout=out, stderr=subprocess.STDOUT,
+                                                 env=env, start_new_session=True)
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        for k in range(1, self.num_stages + 1):
+            self.start_stage(k)
+        await asyncio.gather(*(self.wait_ready(k, timeout_s) for k in range(1, self.num_stages + 1)))
+
+    async def wait_ready(self, index: int, timeout_s: float = 120.0) -> None:
+        peer = self.peers.stage(index)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            proc = self.procs[index]
+            if proc.poll() is not None:
+                raise StageFailed(f"stage {index} exited with code {proc.returncode}:\n{self.log_tail(index)}")
+            try:
+                _, writer = await asyncio.open_connection(peer.host, peer.port)
+                writer.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
+        raise StageFailed(f"stage {index} did not start listening within {timeout_s:.0f} s:\n"
+                          f"{self.log_tail(index)}")
+
+    def log_tail(self, index: int, lines: int = 20) -> str:
+        path = self.logs.get(index)
+        if path is None or not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill_stage(self, index: int, sig: int = 9) -> None:
+        proc = self.procs[index]
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+            if sig == 9:
+                proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._dir.cleanup()
+
+    async def __aenter__(self) -> LocalCluster:
+        try:
+            await self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()

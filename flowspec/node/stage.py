@@ -1,0 +1,238 @@
+"""A verification stage Vk: its layers, one KV cache per request, and the ring.
+
+Inbound: the head's control link (open, verdict, close; for V1 also prefill and segments) and the previous
+stage's ring link. Outbound: the next stage's ring link, or for the last stage the head's link. Verdicts are
+applied strictly in order between forwards; a segment waits only for the verdict it names (`after`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from flowspec.errors import FlowSpecError, PeerProtocolError
+from flowspec.model import KVCache, StageModel
+from flowspec.net import (
+    Close, Error, Hello, Limits, Link, LinkShape, Message, Open, Prefill, Segment, Stats, Timeouts, Verdict,
+    connect,
+)
+from flowspec.node.compute import Compute
+from flowspec.node.pacer import Pacer
+from flowspec.sched.stage import StageTree
+
+__all__ = ["StageNode"]
+
+log = structlog.get_logger("flowspec.stage")
+
+_MAX_ORPHANS = 256  # messages held for a request whose `open` has not arrived yet
+_MAX_REQUESTS = 8  # concurrent requests per stage; each holds a KV cache
+
+
+@dataclass
+class _Request:
+    req: int
+    cache: KVCache
+    head: Link
+    tree: StageTree = field(default_factory=StageTree)
+    verdicts: dict[int, Verdict] = field(default_factory=dict)
+    ring: deque[Prefill | Segment] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: list[tuple[float, float, int]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+
+class StageNode:
+    def __init__(self, index: int, num_stages: int, model: StageModel, hello: Hello, limits: Limits,
+                 timeouts: Timeouts, secret: bytes | None, next_address: tuple[str, int] | None,
+                 shape: LinkShape | None = None, pacer: Pacer | None = None) -> None:
+        self.index, self.num_stages, self.model = index, num_stages, model
+        self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
+        self.next_address, self.shape = next_address, shape
+        self.pacer = pacer or Pacer()
+        self.compute = Compute()
+        self.requests: dict[int, _Request] = {}
+        self.orphans: dict[int, list[Message]] = {}
+        self._next: Link | None = None
+        self._next_lock = asyncio.Lock()
+        self.log = log.bind(stage=index)
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages
+
+    # -- inbound ---------------------------------------------------------------------------------------
+    async def on_link(self, link: Link) -> None:
+        """Serve one inbound link until it closes; errors close this link only."""
+        role = link.peer.role
+        expected_prev = self.index - 1
+        if role == "stage" and link.peer.index != expected_prev:
+            raise PeerProtocolError(f"stage {link.peer.index} connected, but stage {self.index}'s ring input "
+                                    f"is stage {expected_prev}", code="topology")
+        self.log.info("link.up", peer=link.name, role=role, index=link.peer.index)
+        try:
+            while True:
+                msg = await link.recv()
+                self._dispatch(msg, link)
+        finally:
+            if role == "head":
+                for r in [r for r in self.requests.values() if r.head is link]:
+                    self.log.warning("request.orphaned", req=r.req, reason="head link closed")
+                    self._free(r.req)
+
+    def _dispatch(self, msg: Message, link: Link) -> None:
+        match msg:
+            case Open(req=req, capacity=capacity):
+                self._open(req, capacity, link)
+            case Close(req=req):
+                self._close(req)
+            case Verdict() | Prefill() | Segment():
+                r = self.requests.get(msg.req)
+                if r is None:
+                    self._park(msg)
+                    return
+                if isinstance(msg, Verdict):
+                    r.verdicts[msg.seq] = msg
+                else:
+                    r.ring.append(msg)
+                r.wake.set()
+            case _:
+                raise PeerProtocolError(f"stage does not accept {type(msg).__name__} messages", code="kind")
+
+    def _park(self, msg: Verdict | Prefill | Segment) -> None:
+        held = self.orphans.setdefault(msg.req, [])
+        if len(held) >= _MAX_ORPHANS or len(self.orphans) > _MAX_REQUESTS:
+            raise PeerProtocolError(f"too many messages for request {msg.req}, which was never opened",
+                                    code="limits")
+        held.append(msg)
+
+    def _open(self, req: int, capacity: int, head: Link) -> None:
+        if req in self.requests:
+            raise PeerProtocolError(f"request {req} opened twice", code="order")
+        if len(self.requests) >= _MAX_REQUESTS:
+            raise PeerProtocolError(f"stage {self.index} already serves {_MAX_REQUESTS} requests", code="busy")
+        if capacity > self.limits.max_positions + 4096:
+            raise PeerProtocolError(f"capacity {capacity} is past this model's limits", code="limits")
+        r = _Request(req, self.model.new_cache(capacity), head)
+        self.requests[req] = r
+        for msg in self.orphans.pop(req, []):
+            self._dispatch(msg, head)
+        r.task = asyncio.create_task(self._work(r), name=f"stage{self.index} req{req}")
+        self.log.info("request.open", req=req, capacity=capacity)
+
+    def _close(self, req: int) -> None:
+        r = self.requests.get(req)
+        self.orphans.pop(req, None)
+        if r is None:
+            return
+        stats = Stats(req, tuple(r.busy[-self.limits.max_list_len:]))
+        self._free(req)
+        asyncio.create_task(self._send_quietly(r.head, stats))
+        self.log.info("request.closed", req=req)
+
+    def _free(self, req: int) -> None:
+        r = self.requests.pop(req, None)
+        if r is not None and r.task is not None:
+            r.task.cancel()
+
+    async def _send_quietly(self, link: Link, msg: Message) -> None:
+        try:
+            await link.send(msg)
+        except FlowSpecError as exc:
+            self.log.warning("send.failed", peer=link.name, reason=str(exc))
+
+    # -- the per-request worker --------------------------------------------------------------------------
+    async def _work(self, r: _Request) -> None:
+        try:
+            while True:
+                await r.wake.wait()
+                r.wake.clear()
+                while self._apply_verdicts(r) or await self._compute_one(r):
+                    pass
+        except asyncio.CancelledError:
+            raise
+        except FlowSpecError as exc:
+            self.log.warning("request.failed", req=r.req, reason=str(exc))
+            await self._send_quietly(r.head, Error(r.req, getattr(exc, "code", "stage"), str(exc)[:1000]))
+            self._free(r.req)
+
+    def _apply_verdicts(self, r: _Request) -> bool:
+        applied = False
+        while (v := r.verdicts.pop(r.tree.applied + 1, None)) is not None:
+            compaction = r.tree.apply_verdict(v.seq, v.commit.tolist(), v.root, v.watermark)
+            r.cache.compact(compaction.start, list(compaction.keep))
+            applied = True
+        return applied
+
+    async def _compute_one(self, r: _Request) -> bool:
+        if not r.ring:
+            return False
+        msg = r.ring[0]
+        if isinstance(msg, Segment) and msg.after > r.tree.applied:
+            return False  # wait for the verdict it was built after
+        r.ring.popleft()
+        out = await (self._prefill(r, msg) if isinstance(msg, Prefill) else self._segment(r, msg))
+        if out is not None:
+            await self._send_on(r, out)
+        return True
+
+    async def _prefill(self, r: _Request, msg: Prefill) -> Prefill | None:
+        n = msg.x.shape[0]
+        if msg.start != r.tree.cache_len:
+            raise PeerProtocolError(f"prefill chunk {msg.chunk} starts at {msg.start}, cache holds "
+                                    f"{r.tree.cache_len}", code="order")
+        positions = torch.arange(msg.start, msg.start + n)
+        hidden = await self._forward(r, msg.x, positions, None, step=0)  # step 0: prefill
+        r.tree.prefilled(n)
+        if self.is_last:  # the head needs only the last prompt position's hidden state
+            return Prefill(r.req, msg.chunk, msg.last, msg.start + n - 1, hidden[-1:]) if msg.last else None
+        return Prefill(r.req, msg.chunk, msg.last, msg.start, hidden)
+
+    async def _segment(self, r: _Request, msg: Segment) -> Segment:
+        admission = r.tree.admit(msg.ids.tolist(), msg.parents.tolist())
+        rows = torch.tensor(admission.rows, dtype=torch.long)
+        if admission.visible is None:
+            empty_x = msg.x[:0] if self.index > 1 else torch.zeros(0, self.model.cfg.hidden_size)
+            return Segment(r.req, msg.step, msg.after, msg.ids[:0], msg.parents[:0], msg.pos[:0], empty_x)
+        hidden = await self._forward(r, msg.x[rows], msg.pos[rows], admission.visible, step=msg.step)
+        return Segment(r.req, msg.step, msg.after, msg.ids[rows], msg.parents[rows], msg.pos[rows], hidden)
+
+    async def _forward(self, r: _Request, x: torch.Tensor, positions: torch.Tensor,
+                       visible: torch.Tensor | None, step: int) -> torch.Tensor:
+        if self.index == 1 and x.dtype != torch.int64:
+            raise PeerProtocolError("stage 1 takes token ids (int64)", code="dtype")
+        if self.index > 1 and not x.is_floating_point():
+            raise PeerProtocolError(f"stage {self.index} takes hidden states, got {x.dtype}", code="dtype")
+        n = x.shape[0]
+        hidden, start, end = await self.compute.timed(self.model.forward, x, positions, r.cache, visible)
+        end = await self.pacer.pace(n, start, end)
+        r.busy.append((start, end, step))
+        return hidden
+
+    async def _send_on(self, r: _Request, msg: Prefill | Segment) -> None:
+        if self.is_last:
+            await r.head.send(msg)
+            return
+        await (await self._downstream()).send(msg)
+
+    async def _downstream(self) -> Link:
+        async with self._next_lock:
+            if self._next is None or self._next.error is not None:
+                assert self.next_address is not None
+                host, port = self.next_address
+                self._next = await connect(host, port, hello=self.hello, expect_index=self.index + 1,
+                                           secret=self.secret, limits=self.limits, timeouts=self.timeouts,
+                                           shape=self.shape)
+                self.log.info("ring.connected", next=f"{host}:{port}")
+            return self._next
+
+    async def aclose(self) -> None:
+        for req in list(self.requests):
+            self._free(req)
+        if self._next is not None:
+            await self._next.close()
+        self.compute.close()
