@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   install, pull the Qwen pair, run a local 4-stage flowspec pipeline next to ar
+#   make test   install, pull SmolLM2 (and the Qwen pair), run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast models models-qwen clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned, so pip takes the local CPU wheel and never resolves a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: install
+	$(BIN)/flowspec models pull smollm2-135m
+
+models-qwen: install
+	$(BIN)/flowspec models pull qwen2.5-coder-1.5b
+	$(BIN)/flowspec models pull qwen2.5-coder-0.5b
+
+demo: models-qwen
+	$(BIN)/flowspec demo
+
+test: models models-qwen
+	$(BIN)/pytest -q
+
+test-fast: models
+	$(BIN)/pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,136 @@
+"""`flowspec run`: generate through a pipeline, streaming text, with per-request statistics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from flowspec.api import Cluster, Request
+from flowspec.errors import ConfigError
+from flowspec.node.head import GenerationResult
+from flowspec.prompts import Prompt, read_prompt_file
+
+__all__ = ["add_budget_args", "add_run_command", "budget_overrides", "result_row"]
+
+_BUDGET_FLAGS = {  # flag -> Budget field
+    "tree_tokens": "init_tokens", "topk": "topk", "depth": "depth", "expand_tokens": "expand_tokens",
+    "expand_depth": "expand_depth", "segment": "segment", "width": "width", "in_flight": "in_flight",
+}
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tree budgets (defaults suit CPU stages; see BENCHMARKS.md)")
+    g.add_argument("--tree-tokens", type=int, help="draft nodes in a round's first tree (chunk, flowspec)")
+    g.add_argument("--topk", type=int, help="children per node per level, and the beam width")
+    g.add_argument("--depth", type=int, help="beam levels after the first top-k level")
+    g.add_argument("--expand-tokens", type=int, help="draft nodes per dynamic expansion (flowspec)")
+    g.add_argument("--expand-depth", type=int, help="beam levels per expansion (flowspec)")
+    g.add_argument("--segment", type=int, help="max tree nodes per pipeline segment (flowspec)")
+    g.add_argument("--width", type=int, help="nodes per tree layer (pipedec)")
+    g.add_argument("--in-flight", type=int, help="segments in the pipeline at once (default stages + 1)")
+
+
+def budget_overrides(args: argparse.Namespace) -> dict[str, int]:
+    return {field: getattr(args, flag) for flag, field in _BUDGET_FLAGS.items()
+            if getattr(args, flag, None) is not None}
+
+
+def add_run_command(sub: Any) -> None:
+    p = sub.add_parser("run", help="generate text through a pipeline of stages",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Generate text through a pipeline. Either start the stages here (--local --stages N) or connect to running
+`flowspec-node` processes (--peers peers.txt; this process is the head, line 1 of the file).
+
+examples:
+  flowspec run --local --stages 4 --model smollm2-135m --mode ar --prompt "Why is the sky blue?"
+  flowspec run --local --stages 4 --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --mode flowspec \\
+      --prompt-file data/specbench/humaneval.jsonl --limit 3 --json
+  flowspec run --peers peers.txt --model smollm2-135m --mode flowspec --draft self:layers=20 --prompt Hi""")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="start the stages as local processes on loopback")
+    where.add_argument("--peers", help="peers file of running flowspec-node processes")
+    p.add_argument("--stages", type=int, default=4, help="stage processes for --local (default 4)")
+    p.add_argument("--layers", help="layers per stage for --local, e.g. 8,8,7,7 (default balanced)")
+    p.add_argument("--model", default="smollm2-135m", help="target model name or HF folder")
+    p.add_argument("--draft", help="draft: a model sharing the target's tokenizer, self, self:layers=N, random")
+    p.add_argument("--mode", default="flowspec", choices=["ar", "chunk", "pipedec", "flowspec"])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one user message")
+    what.add_argument("--prompt-file", help="Spec-Bench JSONL: each line's first turn is a user message")
+    p.add_argument("--limit", type=int, help="only the first N prompts of --prompt-file")
+    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (identical to transformers)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; a run is reproducible from it")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, no streaming")
+    p.add_argument("--link", help="emulate the head's link, e.g. 150mbit,1ms")
+    p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
+    p.add_argument("--secret-file", help="shared secret for --peers (else $FLOWSPEC_SECRET)")
+    add_budget_args(p)
+    p.set_defaults(handler=run_command)
+
+
+def result_row(prompt: Prompt, result: GenerationResult, cluster: Cluster, mode: str) -> dict[str, Any]:
+    stats = result.stats
+    n = len(result.tokens)
+    return {
+        "id": prompt.id,
+        "mode": mode,
+        "tokens": result.tokens,
+        "text": cluster.decode(result.tokens),
+        "finish_reason": result.finish_reason,
+        "tokens_per_s": round(result.tokens_per_s, 3),
+        "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
+        "ttft_s": round(result.ttft_s, 4),
+        "steps": stats.steps,
+        "verifications": stats.verifications,
+        "mean_accepted": round(stats.mean_accepted, 3),
+        "tokens_per_step": round(stats.committed / stats.steps, 3) if stats.steps else 0.0,
+        "draft_tokens_per_token": round(stats.rows_sent / max(stats.committed, 1), 3),
+        "utilization": [round(u, 3) for u in result.utilization(cluster.head.num_stages)],
+        "bytes_per_token": round(result.bytes_sent / max(n, 1), 1),
+    }
+
+
+async def _run(args: argparse.Namespace) -> int:
+    if args.prompt is not None:
+        prompts = [Prompt("prompt", args.prompt)]
+    else:
+        prompts = read_prompt_file(args.prompt_file, args.limit)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    if args.local:
+        cluster = await Cluster.start_local(args.model, args.stages, draft=args.draft, layers=layers,
+                                            cache_dir=args.cache_dir, link=args.link)
+    else:
+        from flowspec.config import load_secret
+
+        cluster = await Cluster.connect(args.peers, model=args.model, draft=args.draft, cache_dir=args.cache_dir,
+                                        secret=load_secret(args.secret_file), link=args.link)
+    request = Request(args.mode, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                      budget_overrides(args))
+    async with cluster:
+        for prompt in prompts:
+            result = GenerationResult()
+            if args.json:
+                async for _ in cluster.stream_tokens(prompt.text, request, result, chat=not args.raw):
+                    pass
+                print(json.dumps(result_row(prompt, result, cluster, args.mode)), flush=True)
+                continue
+            async for text in cluster.stream(prompt.text, request, result, chat=not args.raw):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            row = result_row(prompt, result, cluster, args.mode)
+            print(f"\n[{args.mode}] {len(result.tokens)} tokens, {row['tokens_per_s']} tokens/s, "
+                  f"ttft {row['ttft_s']} s, {row['tokens_per_step']} tokens/step, "
+                  f"mean accepted {row['mean_accepted']}, stage busy {row['utilization']}", file=sys.stderr)
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.stages < 1:
+        raise ConfigError("--stages must be >= 1")
+    return asyncio.run(_run(args))
