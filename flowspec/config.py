@@ -7,7 +7,9 @@
     192.168.1.13:7001  layers=7  profile=pi5-8b
 
 Options: `layers=N` (how many target layers this stage holds; give it on every stage or on none, for a
-balanced split), `profile=NAME` (device cost profile, for the emulated testbed).
+balanced split), `profile=NAME` (device cost profile, for the emulated testbed), `standby=host:port[,host:port]`
+(standby nodes serving the same layers: started with `flowspec-node --index K --listen host:port`, they take
+over when the stage is lost).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from pathlib import Path
 
 from flowspec.errors import ConfigError
 
-__all__ = ["Peer", "Peers", "load_secret", "parse_peers", "read_peers"]
+__all__ = ["Peer", "Peers", "load_secret", "parse_peers", "read_peers", "split_address"]
 
-_OPTIONS = ("layers", "profile")
+_OPTIONS = ("layers", "profile", "standby")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,11 @@ class Peer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def standbys(self) -> list[tuple[str, int]]:
+        text = self.options.get("standby", "")
+        return [split_address(a, self.line, "<standby>") for a in text.split(",") if a]
 
     @property
     def is_loopback(self) -> bool:
@@ -74,15 +81,19 @@ class Peers:
         return [int(g) for g in given if g]
 
 
-def _parse_line(text: str, line: int, source: str) -> Peer:
-    fields = text.split()
-    address, options = fields[0], {}
+def split_address(address: str, line: int, source: str) -> tuple[str, int]:
     host, sep, port_text = address.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{source}:{line}: expected host:port, got {address!r}")
-    host = host.strip("[]")  # [::1]:7000
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"{source}:{line}: port must be 1..65535, got {port_text!r}")
+    return host.strip("[]"), int(port_text)  # [::1]:7000
+
+
+def _parse_line(text: str, line: int, source: str) -> Peer:
+    fields = text.split()
+    options: dict[str, str] = {}
+    host, port = split_address(fields[0], line, source)
     for option in fields[1:]:
         key, eq, value = option.partition("=")
         if not eq or key not in _OPTIONS or not value:
@@ -90,8 +101,11 @@ def _parse_line(text: str, line: int, source: str) -> Peer:
                               + ", ".join(f"{k}=..." for k in _OPTIONS))
         if key == "layers" and (not value.isdigit() or int(value) < 1):
             raise ConfigError(f"{source}:{line}: layers must be a positive integer, got {value!r}")
+        if key == "standby":
+            for address in value.split(","):
+                split_address(address, line, source)
         options[key] = value
-    return Peer(host, int(port_text), line, options)
+    return Peer(host, port, line, options)
 
 
 def parse_peers(text: str, source: str = "<peers>") -> Peers:

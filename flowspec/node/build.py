@@ -55,14 +55,18 @@ def build_stage(dep: Deployment, peers: Peers, index: int, secret: bytes | None,
     shard = dep.shards / f"stage-{index}"
     model = load_stage(shard, expect_fingerprint=read_manifest(shard)["fingerprint"], expect_stage=index)
     nxt = peers.stage(index + 1) if index < peers.num_stages else None
+    next_addresses = [(nxt.host, nxt.port), *nxt.standbys] if nxt else []
     return StageNode(index, peers.num_stages, model, dep.hello("stage", index), dep.limits(), timeouts, secret,
-                     (nxt.host, nxt.port) if nxt else None, shape=shape, pacer=pacer)
+                     next_addresses, shape=shape, pacer=pacer)
 
 
 def build_head(dep: Deployment, peers: Peers, secret: bytes | None, timeouts: Timeouts, drafter: Any = None,
                shape: LinkShape | None = None, step_timeout: float = 30.0,
-               head_pacer: Pacer | None = None, charge_bytes: Any = None) -> HeadNode:
+               head_pacer: Pacer | None = None, charge_bytes: Any = None,
+               recovery_timeout: float = 30.0) -> HeadNode:
     lm_head = load_head(dep.shards / "stage-0")
+    standbys = {k: p.standbys for k, p in enumerate(peers.stages, start=1) if p.standbys}
     return HeadNode(lm_head, [(p.host, p.port) for p in peers.stages], dep.hello("head", 0), dep.limits(),
                     timeouts, secret, drafter=drafter, shape=shape, step_timeout=step_timeout,
-                    head_pacer=head_pacer, charge_bytes=charge_bytes)
+                    head_pacer=head_pacer, charge_bytes=charge_bytes, recovery_timeout=recovery_timeout,
+                    standbys=standbys)

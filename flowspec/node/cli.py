@@ -17,7 +17,7 @@ import sys
 
 import structlog
 
-from flowspec.config import read_peers
+from flowspec.config import Peer, read_peers, split_address
 from flowspec.errors import ConfigError, FlowSpecError
 from flowspec.logging import configure_logging
 from flowspec.net import LinkShape, Timeouts, install_uvloop, serve
@@ -33,11 +33,15 @@ def node_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name (see `flowspec models list`) or an HF folder")
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
     p.add_argument("--secret-file", help="file holding the shared secret (else $FLOWSPEC_SECRET)")
+    p.add_argument("--listen", help="host:port to listen on instead of this stage's line (for a standby "
+                                    "listed as standby=host:port on that line)")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without a shared secret")
     p.add_argument("--link", help="emulate this link on the outgoing ring hop, e.g. 150mbit,1ms or gbe")
     p.add_argument("--profile", help="emulate a device cost profile (e.g. jetson-7b, pi5-8b)")
     p.add_argument("--dilation", type=float, default=1.0, help="time dilation for --profile and --link")
+    p.add_argument("--stats-file", help="append one JSON line per closed request (overruns, ring bytes); "
+                   "'{index}' in the path becomes the stage index")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a peer is dead")
     return p
@@ -50,6 +54,12 @@ async def _serve(args: argparse.Namespace) -> None:
 
     peers = read_peers(args.peers)
     me = peers.stage(args.index)
+    if args.listen:
+        host, port = split_address(args.listen, 0, "--listen")
+        if (host, port) not in [(me.host, me.port), *me.standbys]:
+            raise ConfigError(f"--listen {args.listen} is neither stage {args.index}'s address nor one of its "
+                              f"standby= addresses in {args.peers}; add it there so the others can find it")
+        me = Peer(host, port, me.line, me.options)
     secret = load_secret(args.secret_file)
     if not me.is_loopback and secret is None and not args.insecure:
         raise ConfigError(f"refusing to listen on {me.address} without a shared secret: anyone on the LAN "
@@ -59,13 +69,22 @@ async def _serve(args: argparse.Namespace) -> None:
     timeouts = Timeouts(heartbeat_timeout=args.heartbeat_timeout)
     shape = LinkShape.parse(args.link).scaled(args.dilation) if args.link else None
     pacer = Pacer()
+    charge = None
     if args.profile:
-        from flowspec.model.profiles import load_profile
+        from flowspec.model.profiles import load_profile, make_charge_bytes
 
-        pacer = Pacer(load_profile(args.profile).stage_cost, args.dilation)
-    node = build_stage(dep, peers, args.index, secret, timeouts, shape=shape, pacer=pacer)
+        profile = load_profile(args.profile)
+        pacer = Pacer(profile.stage_cost, args.dilation, context_aware=True)
+        charge = make_charge_bytes(profile)  # the ring hop carries the profiled model's hidden rows
+    last = args.index == peers.num_stages
+    node = build_stage(dep, peers, args.index, secret, timeouts, shape=None if last else shape, pacer=pacer)
+    node.charge_bytes = charge
+    node.stats_file = args.stats_file.format(index=args.index) if args.stats_file else None
+    # The last stage's ring hop (VN -> head) runs on the link the head opened to it, so it is shaped here,
+    # on the sending side; the head shapes only its own hop to V1. Each hop is shaped by exactly one side.
     server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
-                         timeouts=timeouts, on_link=node.on_link)
+                         timeouts=timeouts, on_link=node.on_link, shape=shape if last else None,
+                         charge_bytes=charge if last else None)
     log.info("node.ready", address=me.address, layers=dep.counts[args.index - 1], model=args.model)
     print(f"flowspec-node stage {args.index} ready on {me.address}", flush=True)
     stop = asyncio.Event()

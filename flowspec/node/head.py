@@ -25,7 +25,7 @@ from flowspec.net import (
 from flowspec.node.compute import Compute
 from flowspec.node.pacer import Pacer
 from flowspec.sched import (
-    Budget, BroadcastVerdict, DecodeStats, DraftJob, DraftReady, EmitTokens, Event, Finish, Prefilled, RunDraft,
+    Action, Budget, BroadcastVerdict, DecodeStats, DraftJob, DraftReady, EmitTokens, Event, Finish, Prefilled, RunDraft,
     RequestState, SamplingParams, Scheduler, SegmentReturned, SendSegment, StageLost,
 )
 
@@ -48,6 +48,7 @@ class GenerationResult:
     bytes_charged: int = 0  # bytes charged on emulated links
     head_busy_s: float = 0.0  # time the head's compute thread spent (lm_head + drafting)
     overruns: int = 0
+    recoveries: int = 0  # stages lost and replaced during the request
 
     @property
     def decode_s(self) -> float:
@@ -67,6 +68,14 @@ class GenerationResult:
                 for k in range(1, num_stages + 1)]
 
 
+class _Lost(Exception):
+    """Internal: stage `stage` is gone; the request may resume once it (or a standby) is back."""
+
+    def __init__(self, stage: int, reason: str) -> None:
+        super().__init__(f"stage {stage}: {reason}")
+        self.stage, self.reason = stage, reason
+
+
 @dataclass
 class _Active:
     inbox: asyncio.Queue[Message | Event] = field(default_factory=asyncio.Queue)
@@ -78,12 +87,15 @@ class HeadNode:
     def __init__(self, lm_head: LMHead, stages: Sequence[tuple[str, int]], hello: Hello, limits: Limits,
                  timeouts: Timeouts, secret: bytes | None, drafter: Drafter | None = None,
                  shape: LinkShape | None = None, charge_bytes: ChargeBytes | None = None,
-                 step_timeout: float = 30.0, head_pacer: Pacer | None = None) -> None:
+                 step_timeout: float = 30.0, head_pacer: Pacer | None = None, recovery_timeout: float = 30.0,
+                 standbys: dict[int, list[tuple[str, int]]] | None = None) -> None:
         self.lm_head, self.drafter = lm_head, drafter
         self.addresses = list(stages)
         self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
         self.shape, self.charge_bytes = shape, charge_bytes
         self.step_timeout = step_timeout
+        self.recovery_timeout = recovery_timeout  # 0 = fail at once when a stage is lost
+        self.standbys = standbys or {}  # stage -> standby addresses serving the same layers
         self.pacer = head_pacer or Pacer()
         self.compute = Compute()
         self.links: list[Link] = []
@@ -143,48 +155,122 @@ class HeadNode:
     async def generate(self, prompt: Sequence[int], budget: Budget, sampling: SamplingParams,
                        max_new_tokens: int, eos_ids: Sequence[int] = (),
                        result: GenerationResult | None = None) -> AsyncIterator[list[int]]:
-        """Yield committed tokens as they come. `result` (if given) is filled with tokens and statistics."""
+        """Yield committed tokens as they come. `result` (if given) is filled with tokens and statistics.
+
+        When a stage is lost, the committed tokens are kept: once the stage (or a standby) is back, the request
+        is re-opened on every stage, the committed tokens are prefilled again, and decoding resumes where it
+        stopped. Without a replacement within `recovery_timeout` the request fails with StageFailed.
+        """
         if not self.links:
             raise LocalProtocolError("HeadNode.connect() first")
         if budget.mode.value != "ar" and self.drafter is None:
             raise LocalProtocolError(f"mode {budget.mode.value} needs a drafter")
         result = result if result is not None else GenerationResult()
-        req, self._next_req = self._next_req, self._next_req + 1
-        active = self._active[req] = _Active()
-        sched = Scheduler(prompt, budget, sampling, max_new_tokens, eos_ids,
-                          max_context=len(prompt) + max_new_tokens + 1)
-        drafts: set[asyncio.Task[None]] = set()
         sent_before = sum(link.bytes_sent for link in self.links)
         charged_before = sum(link.bytes_charged for link in self.links)
         start = time.monotonic()
+        committed = list(prompt)
         try:
-            capacity = len(prompt) + max_new_tokens + budget.tree_slack + 2
-            for link in self.links:
-                await link.send(Open(req, capacity))
-            await self._send_prefill(req, prompt)
-            while not sched.done:
-                event = await self._next_event(active, sched)
-                if event is None:
-                    continue
-                for action in sched.handle(event):
-                    tokens = await self._do(action, req, sched, active, drafts)
-                    if tokens:
+            while True:
+                attempt = self._attempt(len(prompt), committed, budget, sampling, max_new_tokens, eos_ids, result)
+                try:
+                    async for tokens in attempt:
                         if not result.tokens:
                             result.ttft_s = time.monotonic() - start
                         result.tokens.extend(tokens)
                         yield tokens
+                    return
+                except _Lost as lost:
+                    committed = list(prompt) + result.tokens
+                    await self._recover(lost.stage, lost.reason)
+                    result.recoveries += 1
+                finally:
+                    await attempt.aclose()
+        finally:
+            result.total_s = time.monotonic() - start
+            result.bytes_sent = sum(link.bytes_sent for link in self.links) - sent_before
+            result.bytes_charged = sum(link.bytes_charged for link in self.links) - charged_before
+            result.overruns += self.pacer.overruns
+
+    async def _attempt(self, prompt_len: int, committed: list[int], budget: Budget, sampling: SamplingParams,
+                       max_new_tokens: int, eos_ids: Sequence[int],
+                       result: GenerationResult) -> AsyncIterator[list[int]]:
+        """One try at the request on the current links: fresh, or resumed from `committed` after a loss."""
+        req, self._next_req = self._next_req, self._next_req + 1
+        active = self._active[req] = _Active()
+        max_context = prompt_len + max_new_tokens + 1
+        actions: list[Action] = []
+        if len(committed) > prompt_len:
+            sched, actions = Scheduler.resume(prompt_len, committed, budget, sampling, max_new_tokens, eos_ids,
+                                              max_context)
+            prefill = committed[:-1]
+        else:
+            sched = Scheduler(committed, budget, sampling, max_new_tokens, eos_ids, max_context=max_context)
+            prefill = committed
+        drafts: set[asyncio.Task[None]] = set()
+        try:
+            capacity = max_context + budget.tree_slack + 1
+            for k in range(1, self.num_stages + 1):
+                await self._send(k, Open(req, capacity))
+            await self._send_prefill(req, prefill)
+            while True:
+                for action in actions:
+                    tokens = await self._do(action, req, sched, active, drafts)
+                    if tokens:
+                        yield tokens
+                if sched.done:
+                    break
+                event = await self._next_event(active, sched)
+                actions = sched.handle(event) if event is not None else []
             if sched.error:
                 raise StageFailed(f"request failed: {sched.error}")
         finally:
             for task in drafts:
                 task.cancel()
-            result.total_s = time.monotonic() - start
             result.finish_reason = sched.finish_reason or "cancelled"
             result.stats = sched.stats
             await self._close_request(req, active, result)
-            result.bytes_sent = sum(link.bytes_sent for link in self.links) - sent_before
-            result.bytes_charged = sum(link.bytes_charged for link in self.links) - charged_before
-            result.overruns += self.pacer.overruns
+
+    async def _send(self, k: int, msg: Message) -> None:
+        """Send to stage k; a broken link is a lost stage."""
+        try:
+            await self.links[k - 1].send(msg)
+        except (StageFailed, StageTimeout) as exc:
+            raise _Lost(k, str(exc)) from exc
+
+    async def _recover(self, k: int, reason: str) -> None:
+        """Reconnect stage k (restarted, or a standby) and any other broken link, or fail after the deadline."""
+        if self.recovery_timeout <= 0:
+            raise StageFailed(f"stage {k} lost: {reason}")
+        log.warning("stage.recovering", stage=k, reason=reason, deadline_s=self.recovery_timeout)
+        deadline = time.monotonic() + self.recovery_timeout
+        broken = sorted({k} | {i for i, link in enumerate(self.links, start=1) if link.error is not None})
+        for index in broken:
+            await self._reconnect(index, deadline, reason)
+        log.warning("stage.recovered", stages=broken)
+
+    async def _reconnect(self, k: int, deadline: float, reason: str) -> None:
+        old = self.links[k - 1]
+        await old.close()
+        self._readers[k - 1].cancel()
+        delay = 0.2
+        last_error = reason
+        while time.monotonic() < deadline:
+            for host, port in [self.addresses[k - 1], *self.standbys.get(k, [])]:
+                try:
+                    link = await connect(host, port, hello=self.hello, expect_index=k, secret=self.secret,
+                                         limits=self.limits, timeouts=self.timeouts,
+                                         shape=self.shape if k == 1 else None, charge_bytes=self.charge_bytes)
+                except FlowSpecError as exc:
+                    last_error = str(exc)
+                    continue
+                self.links[k - 1] = link
+                self._readers[k - 1] = asyncio.create_task(self._read(k, link), name=f"head reader {k}")
+                return
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+        raise StageFailed(f"stage {k} lost ({reason}) and no replacement came within "
+                          f"{self.recovery_timeout:.0f} s (last try: {last_error})")
 
     async def _next_event(self, active: _Active, sched: Scheduler) -> Event | None:
         idle = not sched.in_flight and not sched.drafting and active.inbox.empty()
@@ -196,11 +282,13 @@ class HeadNode:
         except TimeoutError:
             raise StageTimeout(f"no progress for {self.step_timeout:.0f} s: a stage is stalled or too slow "
                                f"(segments in flight: {sorted(sched.in_flight)})") from None
+        if isinstance(item, StageLost):
+            raise _Lost(item.stage, item.reason)
         return await self._to_event(item, sched)
 
     async def _to_event(self, item: Message | Event, sched: Scheduler) -> Event | None:
         match item:
-            case Prefill(last=True, x=x):
+            case Prefill(last=True, x=x) if sched.state is RequestState.PREFILLING:
                 logits = await self._logits(x)
                 return Prefilled(logits[-1])
             case Segment(step=step, ids=ids, x=x):
@@ -222,13 +310,13 @@ class HeadNode:
                   drafts: set[asyncio.Task[None]]) -> list[int]:
         match action:
             case SendSegment():
-                await self.links[0].send(Segment(
+                await self._send(1, Segment(
                     req, action.step, action.after, _ids(action.ids), _ids(action.parents),
                     _ids(action.positions), _ids(action.tokens)))
             case BroadcastVerdict():
                 verdict = Verdict(req, action.seq, _ids(action.commit), action.root, action.watermark)
-                for link in self.links:
-                    await link.send(verdict)
+                for k in range(1, self.num_stages + 1):
+                    await self._send(k, verdict)
             case RunDraft(job=job):
                 task = asyncio.create_task(self._draft(job, active))
                 drafts.add(task)
@@ -259,7 +347,7 @@ class HeadNode:
         bounds = [round(i * len(prompt) / chunks) for i in range(chunks + 1)]  # nearly equal chunks
         for c in range(chunks):
             a, b = bounds[c], bounds[c + 1]
-            await self.links[0].send(Prefill(req, c, c == chunks - 1, a, ids[a:b]))
+            await self._send(1, Prefill(req, c, c == chunks - 1, a, ids[a:b]))
 
     async def _close_request(self, req: int, active: _Active, result: GenerationResult) -> None:
         for link in self.links:
@@ -268,11 +356,12 @@ class HeadNode:
                     await link.send(Close(req))
                 except FlowSpecError:
                     pass
-        try:
-            async with timeout(2.0):
-                await active.stats_done.wait()
-        except TimeoutError:
-            pass
+        if all(link.error is None for link in self.links):  # after a loss, do not wait for the dead
+            try:
+                async with timeout(2.0):
+                    await active.stats_done.wait()
+            except TimeoutError:
+                pass
         result.busy = dict(active.stats)
         del self._active[req]
 

@@ -8,9 +8,11 @@ applied strictly in order between forwards; a segment waits only for the verdict
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 import torch
@@ -44,16 +46,19 @@ class _Request:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     busy: list[tuple[float, float, int]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    marks: tuple[int, int, int, int] = (0, 0, 0, 0)  # pacer overruns/steps and bytes out when opened
 
 
 class StageNode:
     def __init__(self, index: int, num_stages: int, model: StageModel, hello: Hello, limits: Limits,
-                 timeouts: Timeouts, secret: bytes | None, next_address: tuple[str, int] | None,
+                 timeouts: Timeouts, secret: bytes | None, next_addresses: list[tuple[str, int]],
                  shape: LinkShape | None = None, pacer: Pacer | None = None) -> None:
         self.index, self.num_stages, self.model = index, num_stages, model
         self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
-        self.next_address, self.shape = next_address, shape
+        self.next_addresses, self.shape = next_addresses, shape  # the next stage, then its standbys
         self.pacer = pacer or Pacer()
+        self.charge_bytes: Any = None  # emulated testbed: charge the profiled model's bytes on the ring hop
+        self.stats_file: str | None = None  # emulated testbed: one JSON line per closed request
         self.compute = Compute()
         self.requests: dict[int, _Request] = {}
         self.orphans: dict[int, list[Message]] = {}
@@ -118,6 +123,7 @@ class StageNode:
         if capacity > self.limits.max_positions + 4096:
             raise PeerProtocolError(f"capacity {capacity} is past this model's limits", code="limits")
         r = _Request(req, self.model.new_cache(capacity), head)
+        r.marks = self._marks(r)
         self.requests[req] = r
         for msg in self.orphans.pop(req, []):
             self._dispatch(msg, head)
@@ -132,7 +138,21 @@ class StageNode:
         stats = Stats(req, tuple(r.busy[-self.limits.max_list_len:]))
         self._free(req)
         asyncio.create_task(self._send_quietly(r.head, stats))
-        self.log.info("request.closed", req=req)
+        now = self._marks(r)
+        report = {"stage": self.index, "req": req, "overruns": now[0] - r.marks[0],
+                  "paced_steps": now[1] - r.marks[1],
+                  "bytes_sent": now[2] - r.marks[2], "bytes_charged": now[3] - r.marks[3],
+                  "worst_ratio": round(self.pacer.worst_ratio, 3)}
+        self.log.info("request.closed", **report)
+        if self.stats_file:
+            with open(self.stats_file, "a") as out:
+                out.write(json.dumps(report) + "\n")
+
+    def _marks(self, r: _Request) -> tuple[int, int, int, int]:
+        """Cumulative (overruns, paced steps, bytes sent, bytes charged) of this stage's outgoing ring hop."""
+        out = r.head if self.is_last else self._next
+        sent, charged = (out.bytes_sent, out.bytes_charged) if out is not None else (0, 0)
+        return self.pacer.overruns, self.pacer.steps, sent, charged
 
     def _free(self, req: int) -> None:
         r = self.requests.pop(req, None)
@@ -209,7 +229,7 @@ class StageNode:
             raise PeerProtocolError(f"stage {self.index} takes hidden states, got {x.dtype}", code="dtype")
         n = x.shape[0]
         hidden, start, end = await self.compute.timed(self.model.forward, x, positions, r.cache, visible)
-        end = await self.pacer.pace(n, start, end)
+        end = await self.pacer.pace(n, start, end, ctx=r.cache.length - n)
         r.busy.append((start, end, step))
         return hidden
 
@@ -222,13 +242,24 @@ class StageNode:
     async def _downstream(self) -> Link:
         async with self._next_lock:
             if self._next is None or self._next.error is not None:
-                assert self.next_address is not None
-                host, port = self.next_address
-                self._next = await connect(host, port, hello=self.hello, expect_index=self.index + 1,
-                                           secret=self.secret, limits=self.limits, timeouts=self.timeouts,
-                                           shape=self.shape)
-                self.log.info("ring.connected", next=f"{host}:{port}")
+                self._next = await self._connect_next()
             return self._next
+
+    async def _connect_next(self) -> Link:
+        """The next stage, or the first of its standbys that answers (the same order the head tries)."""
+        error: FlowSpecError | None = None
+        for host, port in self.next_addresses:
+            try:
+                link = await connect(host, port, hello=self.hello, expect_index=self.index + 1,
+                                     secret=self.secret, limits=self.limits, timeouts=self.timeouts,
+                                     shape=self.shape, charge_bytes=self.charge_bytes)
+            except FlowSpecError as exc:
+                error = exc
+                continue
+            self.log.info("ring.connected", next=f"{host}:{port}")
+            return link
+        assert error is not None, "the last stage has no next stage"
+        raise error
 
     async def aclose(self) -> None:
         for req in list(self.requests):

@@ -87,6 +87,26 @@ class Scheduler:
         self.drafting = False
         self.policy = _POLICIES[budget.mode](self)
 
+    @classmethod
+    def resume(cls, prompt_len: int, committed: Sequence[int], budget: Budget, sampling: SamplingParams,
+               max_new_tokens: int, eos_ids: Sequence[int] = (),
+               max_context: int | None = None) -> tuple[Scheduler, list[Action]]:
+        """Continue a request on a fresh pipeline whose stages hold `committed[:-1]` as context.
+
+        Used after a stage was lost and replaced: the shell re-prefills the committed tokens (all but the last,
+        which becomes the root of a fresh round) and carries on. Common random numbers make even a sampled
+        request continue exactly as it would have.
+        """
+        if len(committed) <= prompt_len:
+            raise LocalProtocolError("nothing was generated yet: start the request again instead")
+        s = cls(committed, budget, sampling, max_new_tokens, eos_ids, max_context)
+        s.prompt_len = prompt_len
+        s.state = RequestState.DECODING
+        root = s.tree.new_root(committed[-1], len(committed) - 1)
+        s.seq = 1
+        actions: list[Action] = [BroadcastVerdict(1, (), root.id, s.tree.watermark)]
+        return s, actions + s.policy.on_round_start() + s._fill()
+
     # -- the one entry point -----------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Action]:
         if self.state is RequestState.ERROR:

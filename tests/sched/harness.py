@@ -149,9 +149,10 @@ class FakePipeline:
         agreement: float = 0.7,
         eos: Sequence[int] = (),
         sharp: bool = True,
+        resume_prompt_len: int | None = None,
     ) -> None:
+        """With `resume_prompt_len`, `prompt` is a previous attempt's committed tokens (Scheduler.resume)."""
         self.budget, self.sampling, self.sharp = budget, sampling, sharp
-        self.sched = Scheduler(prompt, budget, sampling, max_new_tokens, eos_ids=eos)
         self.drafter = FakeDrafter(agreement, sharp)
         self.stages = [FakeStage(k, StageTree()) for k in range(1, budget.num_stages + 1)]
         self.returned: deque[Message] = deque()
@@ -159,10 +160,17 @@ class FakePipeline:
         self.output: list[int] = []
         self.finished: str | None = None
         self.max_cache = 0
+        context = list(prompt) if resume_prompt_len is None else list(prompt[:-1])
         for stage in self.stages:
-            stage.tree.prefilled(len(prompt))
-            stage.cache = [(i, t) for i, t in enumerate(prompt)]
-        self._apply(self.sched.handle(Prefilled(target_logits(prompt, sharp))))
+            stage.tree.prefilled(len(context))
+            stage.cache = [(i, t) for i, t in enumerate(context)]
+        if resume_prompt_len is None:
+            self.sched = Scheduler(prompt, budget, sampling, max_new_tokens, eos_ids=eos)
+            self._apply(self.sched.handle(Prefilled(target_logits(prompt, sharp))))
+        else:
+            self.sched, actions = Scheduler.resume(resume_prompt_len, prompt, budget, sampling, max_new_tokens,
+                                                   eos_ids=eos)
+            self._apply(actions)
 
     def _apply(self, actions: list[object]) -> None:
         for action in actions:

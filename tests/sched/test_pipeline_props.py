@@ -90,3 +90,33 @@ def test_stage_memory_stays_bounded_over_a_long_generation() -> None:
     rng = random.Random(3)
     pipe.run(lambda n: rng.randrange(n), max_moves=200_000)
     assert pipe.max_cache <= 1 + 400 + budget.tree_slack
+
+
+@settings(max_examples=40, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    mode=st.sampled_from(MODES),
+    stages=st.integers(1, 4),
+    lose_after=st.integers(1, 300),
+    temperature=st.sampled_from([0.0, 1.0]),
+    schedule_seed=st.integers(0, 2**32 - 1),
+)
+def test_resuming_after_a_lost_pipeline_continues_the_same_output(
+    mode: Mode, stages: int, lose_after: int, temperature: float, schedule_seed: int
+) -> None:
+    """A stage dies at an arbitrary moment: everything in flight is lost, the committed tokens are re-prefilled
+    on a fresh pipeline and decoding resumes; the output is the one of a fault-free run."""
+    sampling = SamplingParams(temperature=temperature, seed=5)
+    budget = budget_for(mode, stages)
+    prompt = [3, 1, 4]
+    rng = random.Random(schedule_seed)
+    first = FakePipeline(prompt, budget, sampling, max_new_tokens=30, agreement=0.7, sharp=temperature == 0)
+    for _ in range(lose_after):
+        if first.finished:
+            break
+        first.moves()[rng.randrange(len(first.moves()))]()
+    out = list(first.output)
+    if not first.finished:
+        second = FakePipeline(first.sched.committed, budget, sampling, max_new_tokens=30, agreement=0.7,
+                              sharp=temperature == 0, resume_prompt_len=len(prompt))
+        out += second.run(lambda n: rng.randrange(n))
+    assert out == sequential_oracle(prompt, sampling, 30, sharp=temperature == 0)
