@@ -64,6 +64,7 @@ class Cluster:
     async def start_local(cls, model: str, stages: int, *, draft: str | None = None,
                           layers: list[int] | None = None, cache_dir: str | None = None,
                           link: str | None = None, timeouts: Timeouts | None = None,
+                          recovery_timeout: float = 30.0,
                           node_args: Sequence[str] = (), step_timeout: float = 60.0) -> Cluster:
         """Start `stages` stage processes on loopback and connect to them."""
         dep = deployment(model, stages, layers, cache_dir)  # split once here, not in N racing processes
@@ -71,7 +72,7 @@ class Cluster:
         await local.start()
         try:
             return await cls._connect(local.peers, dep, draft, cache_dir, None, link, timeouts, local,
-                                      step_timeout)
+                                      step_timeout, recovery_timeout=recovery_timeout)
         except BaseException:
             local.stop()
             raise
@@ -79,19 +80,26 @@ class Cluster:
     @classmethod
     async def connect(cls, peers: str | os.PathLike[str] | Peers, *, model: str, draft: str | None = None,
                       cache_dir: str | None = None, secret: bytes | None = None, link: str | None = None,
-                      timeouts: Timeouts | None = None, step_timeout: float = 60.0) -> Cluster:
-        """Connect to running `flowspec-node` processes listed in a peers file (the head is line 1)."""
+                      timeouts: Timeouts | None = None, step_timeout: float = 60.0,
+                      recovery_timeout: float = 30.0) -> Cluster:
+        """Connect to running `flowspec-node` processes listed in a peers file (the head is line 1).
+
+        `timeouts` are the head's link deadlines (heartbeats); a lost stage is waited for (restarted, or a
+        standby= address) up to `recovery_timeout` seconds, then the request fails (0: fail at once).
+        """
         parsed = peers if isinstance(peers, Peers) else read_peers(peers)
         dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir)
         return await cls._connect(parsed, dep, draft, cache_dir, secret or load_secret(), link, timeouts, None,
-                                  step_timeout)
+                                  step_timeout, recovery_timeout=recovery_timeout)
 
     @classmethod
     async def _connect(cls, peers: Peers, dep: Deployment, draft: str | None, cache_dir: str | None,
                        secret: bytes | None, link: str | None, timeouts: Timeouts | None,
-                       local: LocalCluster | None, step_timeout: float) -> Cluster:
+                       local: LocalCluster | None, step_timeout: float,
+                       recovery_timeout: float = 30.0) -> Cluster:
         shape = LinkShape.parse(link) if link else None
-        head = build_head(dep, peers, secret, timeouts or Timeouts(), shape=shape, step_timeout=step_timeout)
+        head = build_head(dep, peers, secret, timeouts or Timeouts(), shape=shape, step_timeout=step_timeout,
+                          recovery_timeout=recovery_timeout)
         await head.connect()
         return cls(head, dep, draft, cache_dir, local)
 

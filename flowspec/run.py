@@ -10,6 +10,7 @@ from typing import Any
 
 from flowspec.api import Cluster, Request
 from flowspec.errors import ConfigError
+from flowspec.net import Timeouts
 from flowspec.node.head import GenerationResult
 from flowspec.prompts import Prompt, read_prompt_file
 
@@ -70,6 +71,12 @@ examples:
     p.add_argument("--link", help="emulate the head's link, e.g. 150mbit,1ms")
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
     p.add_argument("--secret-file", help="shared secret for --peers (else $FLOWSPEC_SECRET)")
+    p.add_argument("--heartbeat-timeout", type=float,
+                   help="seconds of silence before a stage is declared dead (default 5; with --local also "
+                        "passed to the stage processes)")
+    p.add_argument("--recovery-timeout", type=float, default=30.0,
+                   help="seconds to wait for a lost stage to come back (restarted, or a standby= address) "
+                        "before the request fails; 0 = fail at once (default 30)")
     add_budget_args(p)
     p.set_defaults(handler=run_command)
 
@@ -102,14 +109,21 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         prompts = read_prompt_file(args.prompt_file, args.limit)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    timeouts, node_args = None, []
+    if args.heartbeat_timeout is not None:
+        timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
+                            heartbeat_timeout=args.heartbeat_timeout)
+        node_args = ["--heartbeat-timeout", repr(args.heartbeat_timeout)]
     if args.local:
         cluster = await Cluster.start_local(args.model, args.stages, draft=args.draft, layers=layers,
-                                            cache_dir=args.cache_dir, link=args.link)
+                                            cache_dir=args.cache_dir, link=args.link, timeouts=timeouts,
+                                            node_args=node_args, recovery_timeout=args.recovery_timeout)
     else:
         from flowspec.config import load_secret
 
         cluster = await Cluster.connect(args.peers, model=args.model, draft=args.draft, cache_dir=args.cache_dir,
-                                        secret=load_secret(args.secret_file), link=args.link)
+                                        secret=load_secret(args.secret_file), link=args.link, timeouts=timeouts,
+                                        recovery_timeout=args.recovery_timeout)
     request = Request(args.mode, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                       budget_overrides(args))
     async with cluster:
@@ -133,4 +147,8 @@ async def _run(args: argparse.Namespace) -> int:
 def run_command(args: argparse.Namespace) -> int:
     if args.stages < 1:
         raise ConfigError("--stages must be >= 1")
+    if args.heartbeat_timeout is not None and args.heartbeat_timeout <= 0:
+        raise ConfigError("--heartbeat-timeout must be > 0")
+    if args.recovery_timeout < 0:
+        raise ConfigError("--recovery-timeout must be >= 0 (0 = fail at once)")
     return asyncio.run(_run(args))

@@ -66,7 +66,11 @@ async def _serve(args: argparse.Namespace) -> None:
                           "could drive this stage. Set FLOWSPEC_SECRET (or --secret-file), or pass --insecure.")
     log = structlog.get_logger("flowspec.node").bind(stage=args.index)
     dep = deployment(args.model, peers.num_stages, peers.layers, args.cache_dir)
-    timeouts = Timeouts(heartbeat_timeout=args.heartbeat_timeout)
+    if args.heartbeat_timeout <= 0:
+        raise ConfigError(f"--heartbeat-timeout must be > 0, got {args.heartbeat_timeout}")
+    # ping at least 4 times per timeout, so that a short timeout does not fire on a healthy peer
+    timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
+                        heartbeat_timeout=args.heartbeat_timeout)
     shape = LinkShape.parse(args.link).scaled(args.dilation) if args.link else None
     pacer = Pacer()
     charge = None
