@@ -73,11 +73,18 @@ class Stages:
             require_model(model)
             deployment(model, n)  # split once here, not in n racing processes
             local = LocalCluster(model, n)
+            old = os.environ.get("FLOWSPEC_LOG")
+            os.environ["FLOWSPEC_LOG"] = "info"  # stage logs record request.open/closed: some tests read them
             try:
                 start_sync(local)
             except BaseException:
                 local.stop()
                 raise
+            finally:
+                if old is None:
+                    os.environ.pop("FLOWSPEC_LOG", None)
+                else:
+                    os.environ["FLOWSPEC_LOG"] = old
             self.clusters[key] = local
         local = self.clusters[key]
         dead = [k for k, p in local.procs.items() if p.poll() is not None]
@@ -155,3 +162,15 @@ class Reference:
 def smol_ref() -> Reference:
     require_model(SMOL)
     return Reference(SMOL)
+
+
+def log_events(local: LocalCluster, index: int) -> list[dict[str, Any]]:
+    """The JSON log lines of one stage process (stderr is a file: structlog's JSON renderer)."""
+    out = []
+    for line in local.logs[index].read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
