@@ -56,6 +56,7 @@ class Cluster:
         from flowspec.model import load_tokenizer, resolve
 
         self.head, self.dep, self.draft_spec, self.cache_dir, self.local = head, dep, draft, cache_dir, local
+        self.head_device: Any = None  # flowspec.node.pacer.HeadDevice when emulating a device profile
         self.tokenizer = load_tokenizer(dep.model, cache_dir)
         self.eos_ids = _eos_ids(resolve(dep.model, cache_dir), self.tokenizer, dep.config.eos_token_ids)
 
@@ -65,14 +66,27 @@ class Cluster:
                           layers: list[int] | None = None, cache_dir: str | None = None,
                           link: str | None = None, timeouts: Timeouts | None = None,
                           recovery_timeout: float = 30.0,
-                          node_args: Sequence[str] = (), step_timeout: float = 60.0) -> Cluster:
-        """Start `stages` stage processes on loopback and connect to them."""
+                          node_args: Sequence[str] = (), step_timeout: float = 60.0,
+                          profile: str | None = None, dilation: float = 1.0) -> Cluster:
+        """Start `stages` stage processes on loopback and connect to them.
+
+        `link` shapes every hop of the ring (each on its sending side); `profile` (a device cost profile name or
+        TOML file, see flowspec.model.profiles) paces every stage and the head's lm_head and drafter, with all
+        device times and link latencies × `dilation` and bandwidths / `dilation`.
+        """
         dep = deployment(model, stages, layers, cache_dir)  # split once here, not in N racing processes
-        local = LocalCluster(model, stages, layers, cache_dir, extra_args=list(node_args))
+        extra = list(node_args)
+        if link:
+            extra += ["--link", link]
+        if profile:
+            extra += ["--profile", profile]
+        if link or profile:
+            extra += ["--dilation", repr(float(dilation))]
+        local = LocalCluster(model, stages, layers, cache_dir, extra_args=extra)
         await local.start()
         try:
             return await cls._connect(local.peers, dep, draft, cache_dir, None, link, timeouts, local,
-                                      step_timeout, recovery_timeout=recovery_timeout)
+                                      step_timeout, profile, dilation, recovery_timeout=recovery_timeout)
         except BaseException:
             local.stop()
             raise
@@ -95,13 +109,24 @@ class Cluster:
     @classmethod
     async def _connect(cls, peers: Peers, dep: Deployment, draft: str | None, cache_dir: str | None,
                        secret: bytes | None, link: str | None, timeouts: Timeouts | None,
-                       local: LocalCluster | None, step_timeout: float,
-                       recovery_timeout: float = 30.0) -> Cluster:
-        shape = LinkShape.parse(link) if link else None
+                       local: LocalCluster | None, step_timeout: float, profile: str | None = None,
+                       dilation: float = 1.0, recovery_timeout: float = 30.0) -> Cluster:
+        shape = LinkShape.parse(link).scaled(dilation) if link else None
+        device, charge = None, None
+        if profile:
+            from flowspec.model.profiles import load_profile, make_charge_bytes
+            from flowspec.node.pacer import HeadDevice
+
+            prof = load_profile(profile)
+            device, charge = HeadDevice(prof, dilation), make_charge_bytes(prof)
         head = build_head(dep, peers, secret, timeouts or Timeouts(), shape=shape, step_timeout=step_timeout,
-                          recovery_timeout=recovery_timeout)
+                          charge_bytes=charge, recovery_timeout=recovery_timeout)
+        if device is not None:
+            head.lm_head = device.lm_head(head.lm_head)  # type: ignore[assignment]
         await head.connect()
-        return cls(head, dep, draft, cache_dir, local)
+        cluster = cls(head, dep, draft, cache_dir, local)
+        cluster.head_device = device
+        return cluster
 
     async def aclose(self) -> None:
         await self.head.aclose()
@@ -138,7 +163,8 @@ class Cluster:
                               "target's tokenizer, self, self:layers=N or random)")
         from flowspec.model import make_drafter
 
-        self.head.drafter = make_drafter(spec, self.dep.model, self.cache_dir)
+        drafter = make_drafter(spec, self.dep.model, self.cache_dir)
+        self.head.drafter = self.head_device.drafter(drafter) if self.head_device is not None else drafter
         self.draft_spec = spec
 
     async def stream_tokens(self, prompt: str | Sequence[int], request: Request = Request(),

@@ -1,0 +1,1 @@
+"""Benchmarks on an emulated edge testbed: `flowspec bench` (see flowspec.bench.command)."""

@@ -1,0 +1,406 @@
+"""`flowspec bench`: every decoding mode side by side on the same prompts, on one (emulated) testbed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flowspec.errors import ConfigError
+
+__all__ = ["add_bench_command", "bench_command", "run_bench"]
+
+PIPELINE_MODES = ("ar", "chunk", "pipedec", "flowspec")
+REFERENCE_MODES = ("hf", "hf-assisted")
+
+
+def add_bench_command(sub: Any) -> None:
+    from flowspec.run import add_budget_args
+
+    p = sub.add_parser("bench", help="benchmark decoding modes side by side on an emulated edge testbed",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Run every mode on the same prompts in one invocation, interleaved (for each prompt, every mode in turn) so
+machine drift hits every mode alike, on one local cluster of stage processes reused across modes. With
+--profile every stage, the head's lm_head and its drafter are paced to a device cost profile, every ring hop
+is shaped to --link and charges the profiled model's hidden rows, all slowed by a time dilation D (chosen by
+a short calibration unless --dilation is given); emulated rates are real rates × D.
+
+Writes OUT/results.json, OUT/results.md and OUT/timeline-<mode>.png (the first prompt).
+
+examples:
+  flowspec bench --modes ar,chunk,pipedec,flowspec --stages 4 --profile jetson-7b --link 150mbit,1ms \\
+      --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --prompts data/specbench --per-task 1 \\
+      --max-new-tokens 64 --out bench-out
+  flowspec bench --modes ar,flowspec,hf,hf-assisted --stages 2 --model smollm2-135m \\
+      --draft self:layers=20 --prompts data/specbench --per-task 1 --max-new-tokens 32 --out /tmp/b""")
+    p.add_argument("--modes", default="ar,chunk,pipedec,flowspec",
+                   help="comma list of ar, chunk, pipedec, flowspec, and single-process references hf "
+                        "(transformers generate) and hf-assisted (assisted generation with --draft)")
+    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--layers", help="layers per stage, e.g. 8,8,7,7 (default balanced)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--draft", help="draft for chunk/pipedec/flowspec/hf-assisted (default: the model's usual)")
+    p.add_argument("--profile", help="device cost profile: jetson-7b, jetson-agx-7b, pi5-8b or a TOML file")
+    p.add_argument("--link", help="every ring hop, e.g. 150mbit,1ms, 1gbit,0.2ms, gbe, paper-150")
+    p.add_argument("--dilation", type=float, help="time dilation D (default: calibrated with --margin)")
+    p.add_argument("--margin", type=float, default=1.3, help="calibration headroom: D = margin × worst ratio")
+    p.add_argument("--prompts", default="data/specbench", help="folder of Spec-Bench *.jsonl files")
+    p.add_argument("--per-task", type=int, default=1, help="prompts taken from each *.jsonl (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the head (this process); stages use 1 each (default 1: on a small "
+                        "machine shared by N+1 processes, more threads mostly spin)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_budget_args(p)
+    p.set_defaults(handler=bench_command)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in PIPELINE_MODES + REFERENCE_MODES]
+    if bad or not modes:
+        raise ConfigError(f"unknown mode(s) {bad}: choose from {', '.join(PIPELINE_MODES + REFERENCE_MODES)}")
+    if args.stages < 1:
+        raise ConfigError("--stages must be >= 1")
+    if args.dilation is not None and args.dilation <= 0:
+        raise ConfigError("--dilation must be > 0")
+    results = asyncio.run(run_bench(args, modes))
+    summary = results["modes"]
+    for mode, m in summary.items():
+        emu = f", emulated {m['emulated_tokens_per_s']} tok/s" if m.get("emulated_tokens_per_s") else ""
+        extra = (f", tokens/step {m['tokens_per_step']}, util {m['utilization']}, overruns {m['overruns']}"
+                 if "utilization" in m else " (single process, real CPU)")
+        print(f"{mode:>12}: {m['tokens_per_s']} tok/s real{emu}{extra}", file=sys.stderr)
+    print(f"identical outputs: {results['identical_outputs']}; wrote {args.out}/results.json, results.md",
+          file=sys.stderr)
+    return 0 if results["identical_outputs"] else 1
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from flowspec.net import Timeouts
+
+    from flowspec.api import Cluster, Request, default_draft
+    from flowspec.model import make_drafter
+    from flowspec.model.profiles import load_profile
+    from flowspec.node.build import deployment
+    from flowspec.node.head import GenerationResult
+    from flowspec.prompts import read_prompt_dir
+    from flowspec.run import budget_overrides, result_row
+    from flowspec.sched import Budget, Mode
+
+    torch.set_num_threads(max(1, args.threads))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompt_dir(args.prompts, args.per_task)
+    pipeline = [m for m in modes if m in PIPELINE_MODES]
+    refs = [m for m in modes if m in REFERENCE_MODES]
+    overrides = budget_overrides(args)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    draft = args.draft or default_draft(args.model)
+    needs_draft = any(m not in ("ar", "hf") for m in modes)
+    if needs_draft and draft is None:
+        raise ConfigError(f"modes {modes} need a draft: pass --draft")
+    profile = load_profile(args.profile) if args.profile else None
+    dep = deployment(args.model, args.stages, layers, args.cache_dir)
+    real_drafter = make_drafter(draft, args.model, args.cache_dir) if needs_draft and draft else None
+
+    calibration = None
+    dilation = args.dilation if args.dilation is not None else 1.0
+    if profile is not None and args.dilation is None:
+        from flowspec.bench.calibrate import calibrate
+
+        rows = _segment_rows(pipeline, args.stages, overrides)
+        b = Budget(mode=Mode.FLOWSPEC, num_stages=args.stages, **overrides)
+        calibration = calibrate(profile, dep, real_drafter, segment_rows=rows, beam=b.topk,
+                                draft_rows=max(b.topk, rows if "pipedec" in pipeline else 1), margin=args.margin)
+        dilation = calibration.dilation
+        print(f"calibrated D = {dilation} (binding: {calibration.binding}, ratios "
+              f"{ {k: round(v, 2) for k, v in calibration.ratios.items()} })", file=sys.stderr)
+
+    stats_tpl = str(out / "stage-{index}.stats.jsonl")
+    for k in range(1, args.stages + 1):
+        Path(stats_tpl.format(index=k)).unlink(missing_ok=True)
+    rows_out: list[dict[str, Any]] = []
+    first: dict[str, dict[str, Any]] = {}  # mode -> timeline data of the first prompt
+    cluster = None
+    if pipeline:
+        # heartbeats ride the dilated, shaped links: give them room in proportion to D
+        beat = 5.0 + 2.0 * dilation
+        cluster = await Cluster.start_local(args.model, args.stages, draft=draft, layers=layers,
+                                            cache_dir=args.cache_dir, link=args.link,
+                                            node_args=["--stats-file", stats_tpl, "--heartbeat-timeout", str(beat)],
+                                            profile=args.profile, dilation=dilation,
+                                            timeouts=Timeouts(heartbeat_timeout=beat),
+                                            step_timeout=max(60.0, 10 * dilation))
+    stats_pos = {k: 0 for k in range(1, args.stages + 1)}
+    hf = _HFRefs(args, draft, refs) if refs else None
+    try:
+        if cluster is not None and real_drafter is not None:
+            dev = cluster.head_device
+            cluster.head.drafter = dev.drafter(real_drafter) if dev is not None else real_drafter
+            cluster.draft_spec = draft
+        total = len(prompts) * len(modes)
+        bar = tqdm(total=total, desc="bench", unit="run", disable=args.no_progress, file=sys.stderr)
+        for p_index, prompt in enumerate(prompts):
+            for mode in modes:
+                bar.set_postfix_str(f"{prompt.source}/{prompt.id} {mode}")
+                if mode in REFERENCE_MODES:
+                    assert hf is not None
+                    row = hf.run(mode, prompt.text)
+                    row.update(id=prompt.id, source=prompt.source, mode=mode)
+                    rows_out.append(row)
+                    bar.update(1)
+                    continue
+                assert cluster is not None
+                request = Request(mode, args.max_new_tokens, 0.0, 1.0, 0, overrides)
+                result = GenerationResult()
+                dev = cluster.head_device
+                head_over0 = dev.pacer.overruns if dev else 0
+                head_busy0 = len(dev.busy) if dev else 0
+                t0 = time.monotonic()
+                async for _ in cluster.stream_tokens(prompt.text, request, result):
+                    pass
+                t1 = time.monotonic()
+                await asyncio.sleep(0.05)  # let the stages write their close reports
+                stage_reports = _read_stage_stats(stats_tpl, stats_pos)
+                row = result_row(prompt, result, cluster, mode)
+                head_busy = dev.busy[head_busy0:] if dev else []
+                row.update(
+                    source=prompt.source,
+                    tokens_count=len(result.tokens),
+                    total_s=round(result.total_s, 4),
+                    decode_s=round(result.decode_s, 4),
+                    head_overruns=(dev.pacer.overruns - head_over0) if dev else 0,
+                    stage_overruns={k: r.get("overruns", 0) for k, r in stage_reports.items()},
+                    bytes_real=result.bytes_sent + sum(r.get("bytes_sent", 0) for r in stage_reports.values()),
+                    bytes_charged=result.bytes_charged + sum(r.get("bytes_charged", 0)
+                                                             for r in stage_reports.values()),
+                    head_busy_s=round(sum(e - s for s, e, _ in head_busy), 4),
+                )
+                rows_out.append(row)
+                if p_index == 0:
+                    first[mode] = {"busy": result.busy, "head": head_busy, "t0": t0, "t1": t1}
+                bar.update(1)
+        bar.close()
+    finally:
+        if cluster is not None:
+            await cluster.aclose()
+
+    results = _summarize(args, modes, rows_out, dilation, profile, calibration, dep)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(_markdown(results))
+    from flowspec.bench.timeline import plot_timeline
+
+    for mode, data in first.items():
+        plot_timeline(out / f"timeline-{mode}.png", data["busy"], data["head"], data["t0"], data["t1"],
+                      dilation=dilation, title=f"{mode}: {args.model}, {args.stages} stages, "
+                      f"{args.profile or 'real CPU'}, {args.link or 'loopback'}, D={dilation:g}, "
+                      f"prompt {prompts[0].source}/{prompts[0].id}")
+    return results
+
+
+def _segment_rows(modes: list[str], stages: int, overrides: dict[str, int]) -> int:
+    """The largest segment (rows per stage forward) the run's modes send."""
+    from flowspec.sched import Budget, Mode
+
+    rows = 1
+    for m in modes:
+        b = Budget(mode=Mode.parse(m), num_stages=stages, **overrides)
+        if m == "flowspec":
+            rows = max(rows, b.segment)
+        elif m == "chunk":
+            rows = max(rows, -(-(b.init_tokens + 1) // (stages + 1)))
+        elif m == "pipedec":
+            rows = max(rows, b.width)
+    return rows
+
+
+def _read_stage_stats(tpl: str, pos: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """New close reports of each stage since the last call (one request at a time: one report each)."""
+    reports: dict[int, dict[str, Any]] = {}
+    for k in pos:
+        path = Path(tpl.format(index=k))
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines()
+        for line in lines[pos[k]:]:
+            r = json.loads(line)
+            acc = reports.setdefault(k, {})
+            for key in ("overruns", "paced_steps", "bytes_sent", "bytes_charged"):
+                acc[key] = acc.get(key, 0) + int(r.get(key, 0))
+            acc["worst_ratio"] = max(acc.get("worst_ratio", 0.0), float(r.get("worst_ratio", 0.0)))
+        pos[k] = len(lines)
+    return reports
+
+
+class _HFRefs:
+    """transformers' generate and assisted generation on the unsplit model, in this process (real CPU)."""
+
+    def __init__(self, args: argparse.Namespace, draft: str | None, modes: list[str]) -> None:
+        import torch
+
+        from flowspec.model import load_hf_reference, load_tokenizer
+
+        self.args = args
+        self.tok = load_tokenizer(args.model, args.cache_dir)
+        self.model = load_hf_reference(args.model, args.cache_dir)
+        self.assistant = None
+        if "hf-assisted" in modes:
+            if draft is None:
+                raise ConfigError("hf-assisted needs --draft")
+            self.assistant = _hf_assistant(draft, args.model, args.cache_dir)
+        self.torch = torch
+        from flowspec.api import _eos_ids
+        from flowspec.model import resolve
+
+        self.eos = list(_eos_ids(resolve(args.model, args.cache_dir), self.tok, ()))
+
+    def run(self, mode: str, text: str) -> dict[str, Any]:
+        torch = self.torch
+        ids = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        inp = torch.tensor([ids])
+        kw: dict[str, Any] = dict(max_new_tokens=self.args.max_new_tokens, do_sample=False,
+                                  eos_token_id=self.eos or None, pad_token_id=(self.eos or [0])[0],
+                                  attention_mask=torch.ones_like(inp))
+        if mode == "hf-assisted":
+            kw["assistant_model"] = self.assistant
+        start = time.monotonic()
+        with torch.no_grad():
+            out = self.model.generate(inp, **kw)
+        took = time.monotonic() - start
+        tokens = [int(t) for t in out[0, len(ids):]]
+        return {"tokens": tokens, "tokens_count": len(tokens), "total_s": round(took, 4),
+                "tokens_per_s": round(len(tokens) / took, 3), "text": self.tok.decode(tokens, skip_special_tokens=True)}
+
+
+def _hf_assistant(draft: str, target: str, cache_dir: str | None) -> Any:
+    import re
+
+    from flowspec.model import load_hf_reference
+
+    m = re.fullmatch(r"self(?::layers=(\d+))?", draft)
+    if m is None:
+        return load_hf_reference(draft, cache_dir)
+    model = load_hf_reference(target, cache_dir)
+    if m.group(1):
+        n = int(m.group(1))
+        model.model.layers = model.model.layers[:n]
+        model.config.num_hidden_layers = n
+        if hasattr(model.config, "layer_types") and model.config.layer_types:
+            model.config.layer_types = model.config.layer_types[:n]
+    return model
+
+
+# -- aggregation and reports ------------------------------------------------------------------------------------
+def _summarize(args: argparse.Namespace, modes: list[str], rows: list[dict[str, Any]], dilation: float,
+               profile: Any, calibration: Any, dep: Any) -> dict[str, Any]:
+    by_prompt: dict[str, dict[str, list[int]]] = {}
+    for r in rows:
+        by_prompt.setdefault(f"{r['source']}/{r['id']}", {})[r["mode"]] = r["tokens"]
+    pipeline_same = all(len({tuple(v) for m, v in d.items() if m in PIPELINE_MODES}) <= 1
+                        for d in by_prompt.values())
+    hf_same = all(len({tuple(v) for v in d.values()}) <= 1 for d in by_prompt.values())
+    summary: dict[str, Any] = {}
+    for mode in modes:
+        rs = [r for r in rows if r["mode"] == mode]
+        tokens = sum(r["tokens_count"] for r in rs)
+        secs = sum(r["total_s"] for r in rs)
+        rate = tokens / secs if secs else 0.0
+        m: dict[str, Any] = {"prompts": len(rs), "tokens": tokens, "seconds": round(secs, 3),
+                             "tokens_per_s": round(rate, 3)}
+        if mode in PIPELINE_MODES:
+            steps = sum(r["steps"] for r in rs)
+            verifs = sum(r["verifications"] for r in rs)
+            accepted = sum(r["mean_accepted"] * r["verifications"] for r in rs)
+            committed = sum(r["tokens_count"] - 1 for r in rs)
+            decode = sum(r["decode_s"] for r in rs)
+            util = [round(sum(r["utilization"][k] * r["decode_s"] for r in rs) / decode, 3) if decode else 0.0
+                    for k in range(args.stages)]
+            stage_over = [sum(int(r["stage_overruns"].get(k, r["stage_overruns"].get(str(k), 0))) for r in rs)
+                          for k in range(1, args.stages + 1)]
+            head_over = sum(r["head_overruns"] for r in rs)
+            m.update({
+                "emulated_tokens_per_s": round(rate * dilation, 3) if profile is not None else None,
+                "decode_tokens_per_s": round(committed / decode, 3) if decode else 0.0,
+                "mean_accepted": round(accepted / verifs, 3) if verifs else 0.0,
+                "tokens_per_step": round(committed / steps, 3) if steps else 0.0,
+                "utilization": util,
+                "head_busy": round(sum(r["head_busy_s"] for r in rs) / secs, 3) if secs else 0.0,
+                "bytes_per_token": round(sum(r["bytes_real"] for r in rs) / max(tokens, 1), 1),
+                "charged_bytes_per_token": round(sum(r["bytes_charged"] for r in rs) / max(tokens, 1), 1),
+                "overruns": head_over + sum(stage_over),
+                "overruns_by_node": {"head": head_over, **{f"V{k}": v for k, v in enumerate(stage_over, 1)}},
+            })
+        else:
+            m.update({"emulated_tokens_per_s": None, "note": "single process, real CPU, not emulated"})
+        summary[mode] = m
+    config = {
+        "command": "flowspec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "",
+        "model": args.model, "draft": args.draft, "stages": args.stages, "layers": list(dep.counts),
+        "profile": profile.name if profile is not None else None,
+        "profile_source": profile.source if profile is not None else None,
+        "link": args.link, "dilation": dilation,
+        "calibration": calibration.to_json() if calibration is not None else None,
+        "budget": _budget_json(args), "max_new_tokens": args.max_new_tokens,
+        "prompts": args.prompts, "per_task": args.per_task,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python "
+                   f"{platform.python_version()}",
+        "notes": "tokens_per_s is real wall clock including prefill; emulated = real x D. Stages run as "
+                 "local processes with one torch thread each; the head runs in the bench process.",
+    }
+    return {"identical_outputs": pipeline_same, "identical_with_hf": hf_same if any(
+        m in REFERENCE_MODES for m in modes) else None, "modes": summary,
+        "prompts": [{k: v for k, v in r.items() if k != "text"} for r in rows], "config": config}
+
+
+def _budget_json(args: argparse.Namespace) -> dict[str, Any]:
+    from flowspec.run import budget_overrides
+    from flowspec.sched import Budget, Mode
+
+    b = Budget(mode=Mode.FLOWSPEC, num_stages=args.stages, **budget_overrides(args))
+    return {f: getattr(b, f) for f in ("init_tokens", "topk", "depth", "expand_tokens", "expand_depth",
+                                      "segment", "width", "in_flight", "max_tree")}
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    c = results["config"]
+    emulated = c["profile"] is not None
+    lines = [f"# flowspec bench: {c['model']} ({c['draft'] or 'default draft'}), {c['stages']} stages",
+             "", f"command: `{c['command']}`", "",
+             f"machine: {c['machine']}", "",
+             f"profile: {c['profile'] or 'none (real CPU)'}; link: {c['link'] or 'loopback, unshaped'}; "
+             f"D = {c['dilation']:g}" + (f" (calibrated, binding {c['calibration']['binding']})"
+                                         if c.get("calibration") else ""),
+             "", f"identical outputs across pipeline modes: **{results['identical_outputs']}**"
+             + (f"; identical with transformers: **{results['identical_with_hf']}**"
+                if results.get("identical_with_hf") is not None else ""), ""]
+    any_over = any((m.get("overruns") or 0) > 0 for m in results["modes"].values())
+    lines.append(f"overruns: **{'YES — emulated numbers are optimistic where listed' if any_over else 'none'}**")
+    lines += ["", "| mode | tok/s real | tok/s emulated | mean accepted | tokens/step | stage utilization | "
+              "D0 busy | bytes/token real | charged | overruns |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, m in results["modes"].items():
+        if "utilization" not in m:
+            lines.append(f"| {mode} | {m['tokens_per_s']} | (real CPU, one process) | | | | | | | |")
+            continue
+        util = "/".join(f"{u * 100:.0f}" for u in m["utilization"]) + " %"
+        emu = m["emulated_tokens_per_s"] if emulated else "-"
+        lines.append(f"| {mode} | {m['tokens_per_s']} | {emu} | {m['mean_accepted']} | {m['tokens_per_step']} | "
+                     f"{util} | {m['head_busy'] * 100:.0f} % | {m['bytes_per_token']:.0f} | "
+                     f"{m['charged_bytes_per_token']:.0f} | {m['overruns']} |")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Timeline picture of one request: one row per stage (and the head), busy intervals coloured by step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["plot_timeline"]
+
+
+def plot_timeline(path: str | Path, busy: dict[int, Sequence[tuple[float, float, int]]],
+                  head: Sequence[tuple[float, float, str]], t0: float, t1: float, *, dilation: float = 1.0,
+                  title: str = "") -> None:
+    """Stage rows V1..VN top to bottom, then D0 (lm_head dark, drafting light). Times in emulated ms
+    (real ÷ dilation) from the request's start; prefill (step 0) is grey, decode steps cycle through a
+    qualitative palette so consecutive segments are told apart and gaps (bubbles) stand out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = sorted(busy)
+    rows = [f"V{k}" for k in stages] + (["D0"] if head else [])
+    fig, ax = plt.subplots(figsize=(12, 0.55 * len(rows) + 1.4))
+    cmap = plt.get_cmap("tab20")
+    scale = 1e3 / dilation
+
+    def x(t: float) -> float:
+        return (t - t0) * scale
+
+    for row, k in enumerate(stages):
+        y = len(rows) - 1 - row
+        for start, end, step in busy[k]:
+            if end < t0 or start > t1:
+                continue
+            color = "0.75" if step == 0 else cmap((step - 1) % 20)
+            ax.broken_barh([(x(start), max(x(end) - x(start), 1e-3))], (y - 0.4, 0.8), facecolors=color,
+                           edgecolors="black", linewidth=0.2)
+    if head:
+        for start, end, kind in head:
+            if end < t0 or start > t1:
+                continue
+            color = "tab:blue" if kind == "lm_head" else "lightsteelblue"
+            ax.broken_barh([(x(start), max(x(end) - x(start), 1e-3))], (-0.4, 0.8), facecolors=color,
+                           edgecolors="none")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(list(reversed(rows)))
+    ax.set_xlim(0, x(t1))
+    unit = "emulated ms" if dilation != 1.0 else "ms"
+    ax.set_xlabel(f"{unit} since the request started (grey: prefill; colours: decode steps; "
+                  "D0: dark = lm_head, light = drafting)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", linewidth=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
