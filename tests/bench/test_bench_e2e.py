@@ -1,0 +1,55 @@
+"""`flowspec bench` end to end on SmolLM2: 2 stages, 2 prompts, every mode, a profile and a shaped link."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flowspec.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _prompts(tmp: Path) -> Path:
+    folder = tmp / "prompts"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"question_id": 1, "turns": ["Name three colours."]}) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps({"question_id": 2, "turns": ["What is 2 + 3?"]}) + "\n")
+    return folder
+
+
+def test_bench_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rc = main(["bench", "--modes", "ar,chunk,pipedec,flowspec", "--stages", "2", "--model", "smollm2-135m",
+               "--draft", "self:layers=20", "--prompts", str(_prompts(tmp_path)), "--max-new-tokens", "6",
+               "--profile", "jetson-7b", "--link", "150mbit,1ms", "--dilation", "1.5", "--out", str(out),
+               "--no-progress"])
+    results = json.loads((out / "results.json").read_text())
+    assert rc == 0 and results["identical_outputs"] is True
+    assert set(results["modes"]) == {"ar", "chunk", "pipedec", "flowspec"}
+    for mode, m in results["modes"].items():
+        assert m["tokens"] > 0 and m["tokens_per_s"] > 0
+        assert m["emulated_tokens_per_s"] == pytest.approx(m["tokens_per_s"] * 1.5, rel=1e-2)
+        assert len(m["utilization"]) == 2 and all(0 <= u <= 1 for u in m["utilization"])
+        assert m["charged_bytes_per_token"] > m["bytes_per_token"] > 0  # 4096 x fp16 rows vs SmolLM2's 576 x fp32
+        assert set(m["overruns_by_node"]) == {"head", "V1", "V2"}
+        assert (out / f"timeline-{mode}.png").stat().st_size > 5000
+    assert len(results["prompts"]) == 8
+    assert results["config"]["dilation"] == 1.5 and results["config"]["profile"] == "jetson-7b"
+    assert "identical outputs" in (out / "results.md").read_text()
+
+
+def test_calibration_picks_a_dilation_that_covers_the_drafter() -> None:
+    from flowspec.bench.calibrate import calibrate
+    from flowspec.model import make_drafter
+    from flowspec.model.profiles import load_profile
+    from flowspec.node.build import deployment
+
+    dep = deployment("smollm2-135m", 2)
+    cal = calibrate(load_profile("jetson-7b"), dep, make_drafter("self:layers=20", "smollm2-135m"),
+                    segment_rows=4, beam=3, draft_rows=3, context=32, margin=1.3)
+    worst = max(cal.ratios.values())
+    assert cal.dilation >= worst * 1.3 and cal.dilation >= 1.0
+    assert {"stage_forward_1", "stage_forward_4", "lm_head_4", "draft_level_3"} <= set(cal.ratios)
