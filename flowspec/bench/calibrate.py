@@ -83,13 +83,11 @@ def calibrate(profile: Profile, dep: Any, drafter: Any, *, segment_rows: int, be
              profile.stage_cost(prefill_rows, 0))
     finally:
         torch.set_num_threads(threads)
-        del stage
 
     head = load_head(dep.shards / "stage-0", verify=False)
     hidden = torch.randn(segment_rows, dep.config.hidden_size)
     with torch.no_grad():
         note(f"lm_head_{segment_rows}", _best_of(lambda: head.forward(hidden)), profile.head_step_cost(segment_rows))
-    del head
 
     if drafter is not None:
         ctx = list(range(100, 100 + context))
