@@ -91,6 +91,12 @@ class Stages:
         assert not dead, f"stage processes {dead} of {key} died:\n{local.log_tail(dead[0])}"
         return local
 
+    def release(self, model: str, n: int) -> None:
+        """Stop one cluster early (big models: free their memory for the rest of the session)."""
+        local = self.clusters.pop((model, n), None)
+        if local is not None:
+            local.stop()
+
     def stop(self) -> None:
         for local in self.clusters.values():
             local.stop()
