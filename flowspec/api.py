@@ -12,6 +12,7 @@ Cancelling the consumer (or breaking out of the loop) cancels the request on eve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -154,7 +155,7 @@ class Cluster:
         mode = Mode.parse(request.mode)
         return Budget(mode=mode, num_stages=self.head.num_stages, **request.budget)
 
-    def _ensure_drafter(self, mode: Mode) -> None:
+    async def _ensure_drafter(self, mode: Mode) -> None:
         if mode is Mode.AR or self.head.drafter is not None:
             return
         spec = self.draft_spec or default_draft(self.dep.model)
@@ -163,14 +164,17 @@ class Cluster:
                               "target's tokenizer, self, self:layers=N or random)")
         from flowspec.model import make_drafter
 
-        drafter = make_drafter(spec, self.dep.model, self.cache_dir)
+        # on a worker thread: loading takes seconds, and a blocked loop misses the links' heartbeats
+        drafter = await asyncio.to_thread(make_drafter, spec, self.dep.model, self.cache_dir)
+        if self.head.drafter is not None:
+            return  # another request loaded it meanwhile
         self.head.drafter = self.head_device.drafter(drafter) if self.head_device is not None else drafter
         self.draft_spec = spec
 
     async def stream_tokens(self, prompt: str | Sequence[int], request: Request = Request(),
                             result: GenerationResult | None = None, chat: bool = True) -> AsyncIterator[list[int]]:
         budget = self.budget(request)
-        self._ensure_drafter(budget.mode)
+        await self._ensure_drafter(budget.mode)
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         async for tokens in self.head.generate(self.encode(prompt, chat), budget, sampling,
                                                request.max_new_tokens, self.eos_ids, result):

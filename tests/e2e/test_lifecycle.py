@@ -133,3 +133,24 @@ def test_flowspec_node_rejects_a_bad_peers_file(tmp_path) -> None:  # type: igno
     missing = subprocess.run([str(ROOT / "bin/flowspec-node"), "--peers", str(tmp_path / "nope.txt"), "--index",
                               "1", "--model", SMOL], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "cannot read peers file" in missing.stderr, missing.stderr
+
+
+async def test_slow_drafter_load_keeps_the_links_up(stages: Stages, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the draft model on first use must not block the event loop past the heartbeat timeout (it did:
+    every link dropped while a big drafter loaded, and the request went through a needless recovery)."""
+    import flowspec.model
+
+    real = flowspec.model.make_drafter
+
+    def slow_make_drafter(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(4.0)  # a big drafter on a busy CPU; the head's heartbeat timeout below is 3 s
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flowspec.model, "make_drafter", slow_make_drafter)
+    local = stages.get(SMOL, 2)
+    async with await Cluster.connect(local.peers, model=SMOL, draft="random",
+                                     timeouts=Timeouts(heartbeat_interval=0.5, heartbeat_timeout=3.0)) as cluster:
+        cluster.head.recovery_timeout = 0  # a lost stage would fail the request outright
+        result = await cluster.generate("Hi", mode="flowspec", max_new_tokens=4)
+        assert len(result.tokens) == 4 and result.recoveries == 0
+        assert all(link.error is None for link in cluster.head.links)
