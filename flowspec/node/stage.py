@@ -33,6 +33,7 @@ log = structlog.get_logger("flowspec.stage")
 
 _MAX_ORPHANS = 256  # messages held for a request whose `open` has not arrived yet
 _MAX_REQUESTS = 8  # concurrent requests per stage; each holds a KV cache
+_MAX_ORPHAN_BYTES = 64 << 20  # tensor bytes held for unopened requests, all links together
 
 
 @dataclass
@@ -61,7 +62,8 @@ class StageNode:
         self.stats_file: str | None = None  # emulated testbed: one JSON line per closed request
         self.compute = Compute()
         self.requests: dict[int, _Request] = {}
-        self.orphans: dict[int, list[Message]] = {}
+        self.orphans: dict[int, list[tuple[Verdict | Prefill | Segment, Link]]] = {}  # req -> (msg, from)
+        self._orphan_bytes = 0
         self._next: Link | None = None
         self._next_lock = asyncio.Lock()
         self.log = log.bind(stage=index)
@@ -82,12 +84,26 @@ class StageNode:
         try:
             while True:
                 msg = await link.recv()
+                self._check_sender(msg, link)
                 self._dispatch(msg, link)
         finally:
             if role == "head":
                 for r in [r for r in self.requests.values() if r.head is link]:
                     self.log.warning("request.orphaned", req=r.req, reason="head link closed")
                     self._free(r.req)
+            for req in list(self.orphans):  # what a closed link parked will never be claimed by it
+                self._take_orphans(req, link)
+
+    def _check_sender(self, msg: Message, link: Link) -> None:
+        """Requests are opened, judged and closed by the head only; ring rows come from the ring input only."""
+        role = link.peer.role
+        if isinstance(msg, (Open, Close, Verdict)) and role != "head":
+            raise PeerProtocolError(f"{msg.kind!r} from {role} {link.peer.index}: only the head sends it",
+                                    code="role")
+        if isinstance(msg, (Prefill, Segment)) and (role == "head") != (self.index == 1):
+            raise PeerProtocolError(f"{msg.kind!r} from {role} {link.peer.index}: stage {self.index}'s ring "
+                                    f"input is {'the head' if self.index == 1 else f'stage {self.index - 1}'}",
+                                    code="role")
 
     def _dispatch(self, msg: Message, link: Link) -> None:
         match msg:
@@ -98,7 +114,7 @@ class StageNode:
             case Verdict() | Prefill() | Segment():
                 r = self.requests.get(msg.req)
                 if r is None:
-                    self._park(msg)
+                    self._park(msg, link)
                     return
                 if isinstance(msg, Verdict):
                     r.verdicts[msg.seq] = msg
@@ -108,12 +124,26 @@ class StageNode:
             case _:
                 raise PeerProtocolError(f"stage does not accept {type(msg).__name__} messages", code="kind")
 
-    def _park(self, msg: Verdict | Prefill | Segment) -> None:
-        held = self.orphans.setdefault(msg.req, [])
-        if len(held) >= _MAX_ORPHANS or len(self.orphans) > _MAX_REQUESTS:
+    def _park(self, msg: Verdict | Prefill | Segment, link: Link) -> None:
+        held = self.orphans.get(msg.req, [])
+        size = _tensor_bytes(msg)
+        if (len(held) >= _MAX_ORPHANS or (not held and len(self.orphans) >= _MAX_REQUESTS)
+                or self._orphan_bytes + size > _MAX_ORPHAN_BYTES):
             raise PeerProtocolError(f"too many messages for request {msg.req}, which was never opened",
                                     code="limits")
-        held.append(msg)
+        self.orphans[msg.req] = held
+        held.append((msg, link))
+        self._orphan_bytes += size
+
+    def _take_orphans(self, req: int, link: Link | None = None) -> list[tuple[Verdict | Prefill | Segment, Link]]:
+        """Remove and return what is parked for `req` (only what `link` sent, when given)."""
+        held = self.orphans.pop(req, [])
+        taken = [item for item in held if link is None or item[1] is link]
+        kept = [item for item in held if link is not None and item[1] is not link]
+        if kept:
+            self.orphans[req] = kept
+        self._orphan_bytes -= sum(_tensor_bytes(msg) for msg, _ in taken)
+        return taken
 
     def _open(self, req: int, capacity: int, head: Link) -> None:
         if req in self.requests:
@@ -125,14 +155,14 @@ class StageNode:
         r = _Request(req, self.model.new_cache(capacity), head)
         r.marks = self._marks(r)
         self.requests[req] = r
-        for msg in self.orphans.pop(req, []):
-            self._dispatch(msg, head)
+        for msg, link in self._take_orphans(req):
+            self._dispatch(msg, link)
         r.task = asyncio.create_task(self._work(r), name=f"stage{self.index} req{req}")
         self.log.info("request.open", req=req, capacity=capacity)
 
     def _close(self, req: int) -> None:
         r = self.requests.get(req)
-        self.orphans.pop(req, None)
+        self._take_orphans(req)
         if r is None:
             return
         stats = Stats(req, tuple(r.busy[-self.limits.max_list_len:]))
@@ -267,3 +297,8 @@ class StageNode:
         if self._next is not None:
             await self._next.close()
         self.compute.close()
+
+
+def _tensor_bytes(msg: Message) -> int:
+    tensors = [getattr(msg, name, None) for name in ("x", "ids", "parents", "pos", "commit")]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
