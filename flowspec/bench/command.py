@@ -390,7 +390,9 @@ def _markdown(results: dict[str, Any]) -> str:
              + (f"; identical with transformers: **{results['identical_with_hf']}**"
                 if results.get("identical_with_hf") is not None else ""), ""]
     any_over = any((m.get("overruns") or 0) > 0 for m in results["modes"].values())
-    lines.append(f"overruns: **{'YES — emulated numbers are optimistic where listed' if any_over else 'none'}**")
+    lines.append("overruns: **" + ("YES: where listed, real compute exceeded the profile × D, so that node ran slower "
+                                   "than the emulated device and the mode's emulated rate is pessimistic"
+                                   if any_over else "none") + "**")
     lines += ["", "| mode | tok/s real | tok/s emulated | mean accepted | tokens/step | stage utilization | "
               "D0 busy | bytes/token real | charged | overruns |", "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, m in results["modes"].items():
