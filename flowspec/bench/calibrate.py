@@ -92,11 +92,15 @@ def calibrate(profile: Profile, dep: Any, drafter: Any, *, segment_rows: int, be
     if drafter is not None:
         ctx = list(range(100, 100 + context))
 
-        def sync() -> None:
+        def fused() -> None:
             drafter.sync(ctx[:-4])
-            drafter.sync(ctx)  # a context pass over 4 newly accepted tokens
+            drafter.flush()
+            drafter.sync(ctx)  # 4 newly accepted tokens: they ride in the next level's forward
+            drafter.expand(list(range(200, 200 + beam)), [-1] * beam, [context] * beam)
 
-        note("draft_context_4", _best_of(sync) / 2, profile.draft_context_cost(4) + profile.tree_build)
+        fused_cost = (profile.draft_level_cost(beam) + profile.tree_build
+                      + max(0.0, profile.draft_context_cost(4) - profile.draft_level_cost(0)))
+        note(f"draft_context_4+level_{beam}", _best_of(fused), fused_cost)
         for n in sorted({beam, draft_rows}):
             def level(n: int = n) -> None:
                 drafter.reset_scratch()

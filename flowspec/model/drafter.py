@@ -30,7 +30,8 @@ class Drafter:
             raise ModelError("a drafter needs a whole model (embedding and final norm)")
         self.model, self.head, self.name = model, head, name
         self.cache = model.new_cache(capacity)
-        self.context: list[int] = []  # token ids whose K/V sit in slots [0, len(context))
+        self.context: list[int] = []  # the synced context; K/V of its first `computed` tokens are cached
+        self.computed = 0  # cache = [context[:computed] | scratch nodes]
         self._anc = torch.zeros(0, 0, dtype=torch.bool)  # [S, S] scratch ancestor-or-self matrix
 
     @property
@@ -38,24 +39,32 @@ class Drafter:
         return self._anc.shape[0]
 
     def sync(self, committed: Sequence[int]) -> None:
-        """Make the cached context equal `committed`: keep the common prefix, forward only what is new."""
-        self.reset_scratch()
+        """Make the context equal `committed`: keep the common prefix; what is new is forwarded lazily, in the
+        same forward as the next `expand` (one pass instead of two: drafting is on the head's critical path)."""
         committed = [int(t) for t in committed]
         common = 0
-        for a, b in zip(self.context, committed):
+        for a, b in zip(self.context[: self.computed], committed):
             if a != b:
                 break
             common += 1
-        self.cache.truncate(common)
-        new = committed[common:]
-        if new:
-            self._room(len(new))
-            self.model(torch.tensor(new), torch.arange(common, len(committed)), self.cache)
+        self.computed = common
         self.context = committed
+        self.reset_scratch()
+
+    @property
+    def pending(self) -> int:
+        """Context tokens not yet in the cache (forwarded with the next expand)."""
+        return len(self.context) - self.computed
+
+    def flush(self) -> None:
+        """Forward the pending context now (expand does this itself)."""
+        if self.pending:
+            self.reset_scratch()
+            self._forward_rows([], [], [])
 
     def reset_scratch(self) -> None:
-        """Drop every scratch node: the cache is back to the synced context."""
-        self.cache.truncate(len(self.context))
+        """Drop every scratch node: the cache is back to the computed part of the context."""
+        self.cache.truncate(self.computed)
         self._anc = torch.zeros(0, 0, dtype=torch.bool)
 
     def expand(self, tokens: list[int], parents: list[int], positions: list[int]) -> torch.Tensor:
@@ -67,7 +76,17 @@ class Drafter:
         n = len(tokens)
         if not n == len(parents) == len(positions):
             raise ModelError(f"expand: {n} tokens, {len(parents)} parents, {len(positions)} positions")
-        s0, ctx = self.num_scratch, len(self.context)
+        hidden = self._forward_rows(tokens, parents, positions)
+        return torch.log_softmax(self.head(hidden), dim=-1)
+
+    def _forward_rows(self, tokens: list[int], parents: list[int], positions: list[int]) -> torch.Tensor:
+        """One forward: the pending context rows (causal), then n scratch rows; returns the scratch hidden."""
+        s0, n = self.num_scratch, len(tokens)
+        pending = self.context[self.computed:]
+        if pending and s0:
+            raise ModelError("drafter: context changed under scratch nodes; call sync() first")
+        done, m = self.computed, len(pending)
+        ctx = done + m
         anc = torch.zeros(s0 + n, s0 + n, dtype=torch.bool)
         anc[:s0, :s0] = self._anc
         for i, p in enumerate(parents):
@@ -76,11 +95,17 @@ class Drafter:
             if p >= 0:
                 anc[s0 + i] = anc[p]
             anc[s0 + i, s0 + i] = True
-        visible = torch.cat([torch.ones(n, ctx, dtype=torch.bool), anc[s0:]], dim=1)  # [n, ctx + s0 + n]
-        self._room(n)
-        hidden = self.model(torch.tensor(tokens), torch.tensor(positions), self.cache, visible)
-        self._anc = anc
-        return torch.log_softmax(self.head(hidden), dim=-1)
+        visible = torch.zeros(m + n, ctx + s0 + n, dtype=torch.bool)  # [rows, cache after this forward]
+        visible[:, :done] = True
+        visible[:m, done:ctx] = torch.ones(m, m, dtype=torch.bool).tril_()  # pending context: causal
+        visible[m:, done:ctx] = True  # scratch rows see the whole context
+        visible[m:, ctx:] = anc[s0:]
+        self._room(m + n)
+        rows = torch.tensor(pending + list(tokens), dtype=torch.long)
+        pos = torch.tensor(list(range(done, ctx)) + list(positions), dtype=torch.long)
+        hidden = self.model(rows, pos, self.cache, visible)
+        self.computed, self._anc = ctx, anc
+        return hidden[m:]
 
     def _room(self, n: int) -> None:
         # drafters grow their cache instead of failing: their context is D0's, not a stage's fixed budget

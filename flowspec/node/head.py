@@ -318,7 +318,7 @@ class HeadNode:
                 for k in range(1, self.num_stages + 1):
                     await self._send(k, verdict)
             case RunDraft(job=job):
-                task = asyncio.create_task(self._draft(job, active))
+                task = asyncio.create_task(self._draft(job, active, sched))
                 drafts.add(task)
                 task.add_done_callback(drafts.discard)
             case EmitTokens(tokens=tokens):
@@ -327,17 +327,25 @@ class HeadNode:
                 pass
         return []
 
-    async def _draft(self, job: DraftJob, active: _Active) -> None:
+    async def _draft(self, job: DraftJob, active: _Active, sched: Scheduler) -> None:
+        """Drive a draft job one tree level per compute job, so a returned segment's lm_head and verification
+        run between levels instead of waiting for the whole expansion (the head is the pipeline's bottleneck
+        when drafting is slow). A job whose anchor died meanwhile is abandoned."""
         drafter = self.drafter
         assert drafter is not None
 
-        def drive() -> None:
+        def start() -> None:
             drafter.sync(job.context)
             drafter.reset_scratch()
-            while (request := job.next_request()) is not None:
-                job.feed(drafter.expand(list(request.tokens), list(request.parents), list(request.positions)))
 
-        await self.compute.run(drive)
+        await self.compute.run(start)
+        while (request := job.next_request()) is not None:
+            if not sched.draft_useful(job):
+                job.abandon()
+                break
+            logprobs = await self.compute.run(drafter.expand, list(request.tokens), list(request.parents),
+                                              list(request.positions))
+            job.feed(logprobs)
         active.inbox.put_nowait(DraftReady(job))
 
     async def _send_prefill(self, req: int, prompt: Sequence[int]) -> None:

@@ -147,19 +147,18 @@ class PacedDrafter:
         self.real, self.device = real, device
 
     def sync(self, committed: object) -> None:
-        old = list(getattr(self.real, "context"))
-        new = [int(t) for t in committed]  # type: ignore[attr-defined]
-        common = 0
-        for a, b in zip(old, new):
-            if a != b:
-                break
-            common += 1
-        prof = self.device.profile
-        cost = getattr(prof, "draft_context_cost")(len(new) - common) + getattr(prof, "tree_build")
-        self.device._run("draft", cost, getattr(self.real, "sync"), new)
+        # The drafter only records the new context here; its rows ride along with the next expand's forward,
+        # which is charged for them. What remains is the head's tree bookkeeping.
+        cost = getattr(self.device.profile, "tree_build")
+        self.device._run("draft", cost, getattr(self.real, "sync"), committed)
 
     def expand(self, tokens: list[int], parents: list[int], positions: list[int]) -> object:
-        cost = getattr(self.device.profile, "draft_level_cost")(len(tokens))
+        prof = self.device.profile
+        pending = int(getattr(self.real, "pending", 0))
+        level = getattr(prof, "draft_level_cost")
+        # the context pass rides in this level's forward: charge its per-token part, not a second fixed cost
+        extra = max(0.0, getattr(prof, "draft_context_cost")(pending) - level(0))
+        cost = level(len(tokens)) + extra
         return self.device._run("draft", cost, getattr(self.real, "expand"), tokens, parents, positions)
 
     def __getattr__(self, name: str) -> object:

@@ -44,12 +44,18 @@ class DraftJob:
     anchor_id: int
     context: tuple[int, ...]  # committed tokens before the round's root, for drafter.sync
     candidates: list[Candidate] = field(default_factory=list)
+    abandoned: bool = False
 
     def next_request(self) -> ExpandRequest | None:
         raise NotImplementedError
 
     def feed(self, logprobs: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Stop early (the anchor died): no candidates, no more requests."""
+        self.candidates = []
+        self.abandoned = True
 
 
 def _top_children(logprobs: torch.Tensor, k: int) -> list[tuple[float, int]]:
@@ -78,6 +84,8 @@ class TreeGrowth(DraftJob):
     _fed: int = 0
 
     def next_request(self) -> ExpandRequest | None:
+        if self.abandoned:
+            return None
         if self._level == 0:
             n = len(self.path_tokens)
             start = self.anchor_position - n + 1
@@ -168,7 +176,7 @@ class LayerGrowth(DraftJob):
     _done: bool = False
 
     def next_request(self) -> ExpandRequest | None:
-        if self._done:
+        if self._done or self.abandoned:
             return None
         index_of = {node_id: i for i, (node_id, _, _, _) in enumerate(self.tree)}
         parents = tuple(index_of.get(parent, -1) for _, _, parent, _ in self.tree)

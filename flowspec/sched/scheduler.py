@@ -269,6 +269,10 @@ class Scheduler:
             parent = places[cand.parent_cand] if cand.parent_cand >= 0 else self._place_of(cand.parent_id)
             places.append(self._child_place(parent, cand))
 
+    def draft_useful(self, job: DraftJob) -> bool:
+        """Whether a running draft job can still add anything: its anchor is live, or was committed."""
+        return not self.done and self._place_of(job.anchor_id) is not None
+
     def _place_of(self, node_id: int) -> int | None:
         if self.tree.is_live(node_id):
             return node_id
@@ -395,6 +399,8 @@ class _FlowSpec(_Policy):
 
     def on_verified(self) -> list[Action]:
         b = self.s.budget
+        if self.s.tree.unsent_count() >= b.segment * b.slots:
+            return []  # the surviving subtree still fills every slot: drafting now would only delay the head
         return self._draft(self.s.tree.root, b.expand_tokens, b.expand_depth)
 
     def on_draft_merged(self) -> list[Action]:

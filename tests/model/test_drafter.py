@@ -55,9 +55,10 @@ def test_sync_divergence_recomputes(tiny_llama: Path) -> None:
     d = make_drafter("self", tiny_llama)
     d.sync([1, 2, 3, 4, 5, 6])
     d.expand([9], [-1], [6])
-    d.sync([1, 2, 3, 7, 8])  # diverges at index 3: truncate to 3, forward [7, 8]
-    assert d.cache.length == 5 and d.num_scratch == 0
+    d.sync([1, 2, 3, 7, 8])  # diverges at index 3: truncate to 3; [7, 8] go with the next expand
+    assert d.cache.length == 3 and d.pending == 2 and d.num_scratch == 0
     got = d.expand([9], [-1], [5])[0]
+    assert d.computed == 5 and d.pending == 0 and d.cache.length == 6
     torch.testing.assert_close(got, target_logprobs(tiny_llama, [1, 2, 3, 7, 8, 9])[-1], atol=2e-5, rtol=1e-4)
 
 
@@ -109,3 +110,20 @@ def test_smollm2_self_drafter_matches_transformers(smollm2: Path, smollm2_ref) -
     got = d.expand(prompt[-1:], [-1], [len(prompt) - 1])[0]
     want = torch.log_softmax(smollm2_ref(torch.tensor(prompt))[-1], -1)
     assert (got - want).abs().max().item() < 2e-3 and got.argmax() == want.argmax()
+
+
+def test_lazy_sync_fuses_the_context_pass_into_the_next_expand(tiny_llama: Path) -> None:
+    """Syncing new committed tokens costs no forward of its own; the next level carries them."""
+    d = make_drafter("self", tiny_llama)
+    d.sync([4, 8, 15])
+    d.expand([16], [-1], [3])
+    calls = []
+    real_forward = d.model.forward
+    d.model.forward = lambda *a, **k: calls.append(a[0].numel()) or real_forward(*a, **k)  # type: ignore[method-assign]
+    d.sync([4, 8, 15, 16, 23])  # two tokens committed since
+    assert calls == []
+    lvl = d.expand([42, 7], [-1, -1], [5, 5])
+    assert calls == [4]  # 2 pending context rows + 2 scratch rows in one forward
+    for row, path in [(lvl[0], [42]), (lvl[1], [7])]:
+        torch.testing.assert_close(row, target_logprobs(tiny_llama, [4, 8, 15, 16, 23] + path)[-1],
+                                   atol=2e-5, rtol=1e-4)
