@@ -124,9 +124,11 @@ class Cluster:
                           charge_bytes=charge, recovery_timeout=recovery_timeout)
         if device is not None:
             head.lm_head = device.lm_head(head.lm_head)  # type: ignore[assignment]
-        await head.connect()
+        # the tokenizer first: loading it blocks the loop for seconds on a busy CPU, and with the links already
+        # up that missed their heartbeats (every stage dropped the head; the first request needed a recovery)
         cluster = cls(head, dep, draft, cache_dir, local)
         cluster.head_device = device
+        await head.connect()
         return cluster
 
     async def aclose(self) -> None:
