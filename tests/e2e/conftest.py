@@ -3,6 +3,7 @@ reused by every test through fresh heads), drafters loaded once, and transformer
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -128,6 +129,7 @@ def head_for(stages: Stages, drafters: Callable[[str, str], Drafter]):  # type: 
     @asynccontextmanager
     async def make(n: int, draft: str | None = None, model: str = SMOL, **kw: Any) -> AsyncIterator[Cluster]:
         local = stages.get(model, n)
+        kw.setdefault("step_timeout", 30.0)  # a hang fails in 30 s, not 60
         cluster = await Cluster.connect(local.peers, model=model, draft=draft, **kw)
         if draft is not None:
             cluster.head.drafter = drafters(draft, model)
@@ -135,6 +137,8 @@ def head_for(stages: Stages, drafters: Callable[[str, str], Drafter]):  # type: 
             yield cluster
         finally:
             await cluster.aclose()
+            # drafters are shared between heads: let a cancelled draft job finish on the old compute thread
+            await asyncio.to_thread(cluster.head.compute._pool.shutdown, True)
 
     return make
 
