@@ -19,6 +19,7 @@ __all__ = ["add_budget_args", "add_run_command", "budget_overrides", "result_row
 _BUDGET_FLAGS = {  # flag -> Budget field
     "tree_tokens": "init_tokens", "topk": "topk", "depth": "depth", "expand_tokens": "expand_tokens",
     "expand_depth": "expand_depth", "segment": "segment", "width": "width", "in_flight": "in_flight",
+    "eager_root": "eager_root",
 }
 
 
@@ -32,6 +33,8 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--segment", type=int, help="max tree nodes per pipeline segment (flowspec)")
     g.add_argument("--width", type=int, help="nodes per tree layer (pipedec)")
     g.add_argument("--in-flight", type=int, help="segments in the pipeline at once (default stages + 1)")
+    g.add_argument("--eager-root", action="store_const", const=True, default=None,
+                   help="flowspec: send a round's root before its tree is drafted (for fast drafters)")
 
 
 def budget_overrides(args: argparse.Namespace) -> dict[str, int]:

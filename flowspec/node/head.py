@@ -76,9 +76,14 @@ class _Lost(Exception):
         self.stage, self.reason = stage, reason
 
 
+@dataclass(frozen=True)
+class _DraftFailed:
+    error: Exception
+
+
 @dataclass
 class _Active:
-    inbox: asyncio.Queue[Message | Event] = field(default_factory=asyncio.Queue)
+    inbox: asyncio.Queue[Message | Event | _DraftFailed] = field(default_factory=asyncio.Queue)
     stats: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
     stats_done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -284,6 +289,8 @@ class HeadNode:
                                f"(segments in flight: {sorted(sched.in_flight)})") from None
         if isinstance(item, StageLost):
             raise _Lost(item.stage, item.reason)
+        if isinstance(item, _DraftFailed):
+            raise FlowSpecError(f"the drafter failed: {item.error!r}") from item.error
         return await self._to_event(item, sched)
 
     async def _to_event(self, item: Message | Event, sched: Scheduler) -> Event | None:
@@ -338,14 +345,18 @@ class HeadNode:
             drafter.sync(job.context)
             drafter.reset_scratch()
 
-        await self.compute.run(start)
-        while (request := job.next_request()) is not None:
-            if not sched.draft_useful(job):
-                job.abandon()
-                break
-            logprobs = await self.compute.run(drafter.expand, list(request.tokens), list(request.parents),
-                                              list(request.positions))
-            job.feed(logprobs)
+        try:
+            await self.compute.run(start)
+            while (request := job.next_request()) is not None:
+                if not sched.draft_useful(job):
+                    job.abandon()
+                    break
+                logprobs = await self.compute.run(drafter.expand, list(request.tokens), list(request.parents),
+                                                  list(request.positions))
+                job.feed(logprobs)
+        except Exception as exc:  # a drafter bug must fail the request, not leave it waiting for the job
+            active.inbox.put_nowait(_DraftFailed(exc))
+            return
         active.inbox.put_nowait(DraftReady(job))
 
     async def _send_prefill(self, req: int, prompt: Sequence[int]) -> None:

@@ -40,6 +40,8 @@ class Budget:
     width: int = 3  # PipeDec layer width
     in_flight: int = 0  # segments in the pipeline at once; 0 = num_stages + 1 (one per link, as the paper)
     max_tree: int = 64  # live nodes the head keeps at most (bounds every stage's tree slots)
+    eager_root: bool = False  # flowspec: send a fresh round's root before its tree is drafted (wins only when
+    # drafting is fast next to a pipeline round trip; otherwise the root races ahead of its own drafts)
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:

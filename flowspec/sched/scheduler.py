@@ -409,6 +409,13 @@ class _FlowSpec(_Policy):
             return self.on_verified()
         return []
 
+    def next_segment(self) -> list[Node]:
+        root = self.s.tree.root
+        fresh = root.parent == CONTEXT and root.state is NodeState.UNSENT
+        if fresh and self.s.drafting and not self.s.budget.eager_root:
+            return []  # a round starts: the root goes out with the first segment of its tree (paper §D.1)
+        return super().next_segment()
+
     def when_idle(self) -> list[Action]:
         """Nothing left to send and the drafter is free: deepen below the best-scored leaf."""
         tree = self.s.tree
