@@ -33,3 +33,7 @@ class Compute:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        """Cancel queued jobs and wait for the running one, so what it uses (a drafter) is free again."""
+        await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)

@@ -132,7 +132,7 @@ class HeadNode:
                 pass
         for link in self.links:
             await link.close()
-        self.compute.close()
+        await self.compute.aclose()
 
     async def _read(self, k: int, link: Link) -> None:
         """Route every inbound frame of stage k's link to its request; a dead link fails every request."""
