@@ -286,7 +286,8 @@ class HeadNode:
                 item = await active.inbox.get()
         except TimeoutError:
             raise StageTimeout(f"no progress for {self.step_timeout:.0f} s: a stage is stalled or too slow "
-                               f"(segments in flight: {sorted(sched.in_flight)})") from None
+                               f"(segments in flight: {sorted(sched.in_flight)}; draft job running: "
+                               f"{sched.drafting})") from None
         if isinstance(item, StageLost):
             raise _Lost(item.stage, item.reason)
         if isinstance(item, _DraftFailed):
@@ -354,6 +355,9 @@ class HeadNode:
                 logprobs = await self.compute.run(drafter.expand, list(request.tokens), list(request.parents),
                                                   list(request.positions))
                 job.feed(logprobs)
+        except asyncio.CancelledError:
+            active.inbox.put_nowait(_DraftFailed(RuntimeError("draft job cancelled")))
+            raise
         except Exception as exc:  # a drafter bug must fail the request, not leave it waiting for the job
             active.inbox.put_nowait(_DraftFailed(exc))
             return

@@ -6,7 +6,6 @@ holds multi-process with SmolLM2."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
