@@ -144,8 +144,8 @@ class Scheduler:
         self.committed.append(token)
         self.state = RequestState.DECODING
         actions: list[Action] = [EmitTokens((token,))]
-        if self._stop_reason(token):
-            return self._finish(self._stop_reason(token), actions)
+        if reason := self._stop_reason(token):
+            return self._finish(reason, actions)
         root = self.tree.new_root(token, len(self.committed) - 1)
         self.seq += 1  # the first verdict only names the first root, so stages know it is alive
         actions.append(BroadcastVerdict(self.seq, (), root.id, self.tree.watermark))

@@ -125,7 +125,3 @@ class StageTree:
         if slot < old_t:
             return self.ancestors[slot, : slot + 1]
         return new_rows[slot - old_t]
-
-    def forget(self) -> None:
-        """The request ended: drop everything."""
-        self.__init__()  # type: ignore[misc]
