@@ -8,6 +8,7 @@ returns, in order. All decisions live in the scheduler.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -106,7 +107,9 @@ class HeadNode:
         self.links: list[Link] = []
         self._readers: list[asyncio.Task[None]] = []
         self._active: dict[int, _Active] = {}
-        self._next_req = 1
+        # Ids unique across heads: a stage drops late frames of a finished request by id, so a new head must
+        # not reuse an id another head (or an earlier attempt) used on the same stages.
+        self._next_req = secrets.randbits(62)
 
     @property
     def num_stages(self) -> int:

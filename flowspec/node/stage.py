@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ log = structlog.get_logger("flowspec.stage")
 _MAX_ORPHANS = 256  # messages held for a request whose `open` has not arrived yet
 _MAX_REQUESTS = 8  # concurrent requests per stage; each holds a KV cache
 _MAX_ORPHAN_BYTES = 64 << 20  # tensor bytes held for unopened requests, all links together
+_ORPHAN_TTL_S = 30.0  # a request not opened this long after its first message never will be
+_MAX_FINISHED = 1024  # ids of finished requests remembered, so their late ring frames are dropped, not parked
 
 
 @dataclass
@@ -62,7 +65,9 @@ class StageNode:
         self.compute = Compute()
         self.requests: dict[int, _Request] = {}
         self.orphans: dict[int, list[tuple[Verdict | Prefill | Segment, Link]]] = {}  # req -> (msg, from)
+        self._orphan_born: dict[int, float] = {}  # req -> when its first message was parked
         self._orphan_bytes = 0
+        self.finished: OrderedDict[int, None] = OrderedDict()  # recently freed request ids, oldest first
         self._next: Link | None = None
         self._next_lock = asyncio.Lock()
         self.log = log.bind(stage=index)
@@ -112,6 +117,8 @@ class StageNode:
                 self._close(req)
             case Verdict() | Prefill() | Segment():
                 r = self.requests.get(msg.req)
+                if r is None and msg.req in self.finished:
+                    return  # in flight when its request ended (closed, failed, or its head was lost)
                 if r is None:
                     self._park(msg, link)
                     return
@@ -124,6 +131,10 @@ class StageNode:
                 raise PeerProtocolError(f"stage does not accept {type(msg).__name__} messages", code="kind")
 
     def _park(self, msg: Verdict | Prefill | Segment, link: Link) -> None:
+        now = time.monotonic()
+        for req in [req for req, born in self._orphan_born.items() if now - born > _ORPHAN_TTL_S]:
+            dropped = self._take_orphans(req)
+            self.log.warning("orphans.expired", req=req, messages=len(dropped))
         held = self.orphans.get(msg.req, [])
         size = _tensor_bytes(msg)
         if (len(held) >= _MAX_ORPHANS or (not held and len(self.orphans) >= _MAX_REQUESTS)
@@ -131,6 +142,7 @@ class StageNode:
             raise PeerProtocolError(f"too many messages for request {msg.req}, which was never opened",
                                     code="limits")
         self.orphans[msg.req] = held
+        self._orphan_born.setdefault(msg.req, now)
         held.append((msg, link))
         self._orphan_bytes += size
 
@@ -141,11 +153,13 @@ class StageNode:
         kept = [item for item in held if link is not None and item[1] is not link]
         if kept:
             self.orphans[req] = kept
+        else:
+            self._orphan_born.pop(req, None)
         self._orphan_bytes -= sum(_tensor_bytes(msg) for msg, _ in taken)
         return taken
 
     def _open(self, req: int, capacity: int, head: Link) -> None:
-        if req in self.requests:
+        if req in self.requests or req in self.finished:
             raise PeerProtocolError(f"request {req} opened twice", code="order")
         if len(self.requests) >= _MAX_REQUESTS:
             raise PeerProtocolError(f"stage {self.index} already serves {_MAX_REQUESTS} requests", code="busy")
@@ -163,6 +177,7 @@ class StageNode:
         r = self.requests.get(req)
         self._take_orphans(req)
         if r is None:
+            self._free(req)  # closed before it opened here: drop what is still on its way
             return
         stats = Stats(req, tuple(r.busy[-self.limits.max_list_len:]))
         self._free(req)
@@ -184,6 +199,9 @@ class StageNode:
         return self.pacer.overruns, self.pacer.steps, sent, charged
 
     def _free(self, req: int) -> None:
+        self.finished[req] = None
+        if len(self.finished) > _MAX_FINISHED:
+            self.finished.popitem(last=False)
         r = self.requests.pop(req, None)
         if r is not None and r.task is not None:
             r.task.cancel()
