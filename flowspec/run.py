@@ -19,7 +19,7 @@ __all__ = ["add_budget_args", "add_run_command", "budget_overrides", "result_row
 _BUDGET_FLAGS = {  # flag -> Budget field
     "tree_tokens": "init_tokens", "topk": "topk", "depth": "depth", "expand_tokens": "expand_tokens",
     "expand_depth": "expand_depth", "segment": "segment", "width": "width", "in_flight": "in_flight",
-    "eager_root": "eager_root",
+    "eager_root": "eager_root", "expand_from_leaf": "expand_from_leaf",
 }
 
 
@@ -35,6 +35,8 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--in-flight", type=int, help="segments in the pipeline at once (default stages + 1)")
     g.add_argument("--eager-root", action="store_const", const=True, default=None,
                    help="flowspec: send a round's root before its tree is drafted (for fast drafters)")
+    g.add_argument("--expand-from-leaf", action="store_const", const=True, default=None,
+                   help="flowspec: expand below the best-scored leaf of the surviving tree, not the new root")
 
 
 def budget_overrides(args: argparse.Namespace) -> dict[str, int]:

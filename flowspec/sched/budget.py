@@ -42,6 +42,8 @@ class Budget:
     max_tree: int = 64  # live nodes the head keeps at most (bounds every stage's tree slots)
     eager_root: bool = False  # flowspec: send a fresh round's root before its tree is drafted (wins only when
     # drafting is fast next to a pipeline round trip; otherwise the root races ahead of its own drafts)
+    expand_from_leaf: bool = False  # flowspec: expand below the best-scored leaf of the surviving tree instead
+    # of re-drafting from the new root (deepens the likely path; the root's near levels are usually drafted)
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:

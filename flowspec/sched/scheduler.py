@@ -401,7 +401,8 @@ class _FlowSpec(_Policy):
         b = self.s.budget
         if self.s.tree.unsent_count() >= b.segment * b.slots:
             return []  # the surviving subtree still fills every slot: drafting now would only delay the head
-        return self._draft(self.s.tree.root, b.expand_tokens, b.expand_depth)
+        anchor = self._best_leaf() if b.expand_from_leaf else self.s.tree.root
+        return self._draft(anchor, b.expand_tokens, b.expand_depth)
 
     def on_draft_merged(self) -> list[Action]:
         if self.expand_pending:
@@ -421,10 +422,13 @@ class _FlowSpec(_Policy):
         tree = self.s.tree
         if tree.unsent_count() or len(tree) >= self.s.budget.max_tree:
             return []
-        leaves = [n for n in tree.nodes.values() if not n.children]
-        best = max(leaves, key=lambda n: (n.score, -n.id))
         b = self.s.budget
-        return self._draft(best, b.expand_tokens, b.expand_depth)
+        return self._draft(self._best_leaf(), b.expand_tokens, b.expand_depth)
+
+    def _best_leaf(self) -> Node:
+        """The leaf most likely to lie on the accepted path (highest cumulative draft score)."""
+        leaves = [n for n in self.s.tree.nodes.values() if not n.children]
+        return max(leaves, key=lambda n: (n.score, -n.id))
 
     def _draft(self, anchor: Node, tokens: int, depth: int) -> list[Action]:
         if self.s.drafting:

@@ -270,5 +270,5 @@ def sequential_oracle(prompt: Sequence[int], sampling: SamplingParams, max_new: 
     return out
 
 
-def budget_for(mode: Mode, stages: int, **overrides: int) -> Budget:
+def budget_for(mode: Mode, stages: int, **overrides: int | bool) -> Budget:
     return Budget(mode=mode, num_stages=stages, **overrides)

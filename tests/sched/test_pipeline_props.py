@@ -24,14 +24,15 @@ MODES = [Mode.AR, Mode.CHUNK, Mode.PIPEDEC, Mode.FLOWSPEC]
     topk=st.integers(1, 3),
     depth=st.integers(0, 3),
     segment=st.integers(1, 5),
+    from_leaf=st.booleans(),
     schedule_seed=st.integers(0, 2**32 - 1),
 )
 def test_greedy_output_equals_sequential_under_any_interleaving(
     mode: Mode, stages: int, agreement: float, prompt: list[int], topk: int, depth: int, segment: int,
-    schedule_seed: int,
+    from_leaf: bool, schedule_seed: int,
 ) -> None:
     budget = budget_for(mode, stages, topk=topk, depth=depth, expand_depth=depth, segment=segment,
-                        width=topk, init_tokens=8, expand_tokens=6)
+                        width=topk, init_tokens=8, expand_tokens=6, expand_from_leaf=from_leaf)
     sampling = SamplingParams()
     pipe = FakePipeline(prompt, budget, sampling, max_new_tokens=24, agreement=agreement, eos=(7,))
     rng = random.Random(schedule_seed)
