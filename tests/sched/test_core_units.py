@@ -110,3 +110,31 @@ def test_scheduler_state_machine_refuses_illegal_events() -> None:
     assert sched.state is RequestState.DECODING and sched.generated == [2]
     with pytest.raises(LocalProtocolError, match="not in flight"):
         sched.handle(SegmentReturned(99, (), torch.zeros(0, 4)))
+
+
+@pytest.mark.parametrize("from_leaf", [False, True])
+def test_flowspec_expansion_anchor_is_the_new_root_or_the_best_leaf(from_leaf: bool) -> None:
+    """A verdict that leaves too little unsent work triggers an expansion: under the new root by default, under
+    the best-scored leaf of the surviving tree with `expand_from_leaf` (the likely path gets deeper)."""
+    from flowspec.sched.actions import RunDraft, SendSegment
+    from flowspec.sched.events import DraftReady
+    from tests.sched.harness import FakeDrafter, run_job
+
+    budget = Budget(Mode.FLOWSPEC, 2, init_tokens=2, topk=1, depth=1, expand_tokens=2, expand_depth=1, segment=1,
+                    expand_from_leaf=from_leaf)
+    sched = Scheduler([1, 2, 3], budget, SamplingParams(), max_new_tokens=20)
+    first = torch.zeros(16)
+    first[5] = 1.0
+    (job,) = [a.job for a in sched.handle(Prefilled(first)) if isinstance(a, RunDraft)]
+    run_job(FakeDrafter(agreement=1.0, sharp=True), job)
+    sent = [a for a in sched.handle(DraftReady(job)) if isinstance(a, SendSegment)]
+    assert [len(a.ids) for a in sent] == [1, 1, 1]  # root, child, grandchild: every slot full, nothing unsent
+    root, child, grandchild = (a.ids[0] for a in sent)
+    assert sched.tree.nodes[grandchild].parent == child and sched.tree.nodes[child].parent == root
+    # the root's segment returns and the target agrees with the child: the child becomes the root
+    logits = torch.zeros(1, 16)
+    logits[0, sched.tree.nodes[child].token] = 1.0
+    actions = sched.handle(SegmentReturned(sent[0].step, (root,), logits))
+    assert sched.tree.root_id == child
+    (expansion,) = [a.job for a in actions if isinstance(a, RunDraft)]
+    assert expansion.anchor_id == (grandchild if from_leaf else child)
