@@ -23,20 +23,26 @@ need_root() { [[ $(id -u) == 0 ]] || { echo "error: $1 needs root (network names
 
 count() { ip netns list | grep -c "^${PREFIX}[0-9]" || true; }
 
-burst_for() {  # tbf needs a bucket of at least rate/HZ bytes; 32 KiB or 1 ms of traffic, whichever is larger
-  python3 -c "
-import re,sys
-m=re.fullmatch(r'([0-9.]+)(kbit|mbit|gbit)', sys.argv[1].lower())
-if not m: sys.exit('error: rate must look like 150mbit, 1gbit or 500kbit')
-bps=float(m[1])*{'kbit':1e3,'mbit':1e6,'gbit':1e9}[m[2]]
-print(max(32768, int(bps/8/1000)))" "$1"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+rate_bps() {  # the rate in bit/s, read by flowspec's own link-shape parser (same syntax as --link)
+  "$ROOT/.venv/bin/python" -c "
+import sys
+from flowspec.errors import ConfigError
+from flowspec.net.shaping import LinkShape
+try:
+    print(int(LinkShape.parse(sys.argv[1]).bandwidth_bps))
+except ConfigError as exc:
+    sys.exit(f'error: {exc}')" "$1"
 }
 
 up() {
   local n=${1:?usage: up N RATE} rate=${2:?usage: up N RATE}
   need_root up
   [[ $n =~ ^[0-9]+$ && $n -ge 2 && $n -le 32 ]] || { echo "error: N must be 2..32 devices (head + stages)" >&2; exit 1; }
-  local burst; burst=$(burst_for "$rate")
+  local bps burst
+  bps=$(rate_bps "$rate")
+  burst=$(( bps / 8 / 1000 > 32768 ? bps / 8 / 1000 : 32768 ))  # >= rate/HZ bytes: 32 KiB or 1 ms of traffic
   [[ $(count) == 0 ]] || { echo "error: a testbed is already up; run '$0 down' first" >&2; exit 1; }
   ip link add "$BRIDGE" type bridge
   ip link set "$BRIDGE" up
@@ -80,6 +86,7 @@ exec_in() {
 check() {  # one TCP stream fs0 -> fs1 for 2 s; the measured rate must sit just under the tbf rate
   local rate=${1:?usage: check RATE}
   need_root check
+  local bps; bps=$(rate_bps "$rate")
   ip netns exec "${PREFIX}1" python3 - "$NET.2" <<'EOF' &
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,10 +96,9 @@ while c.recv(1 << 20):
     pass
 EOF
   sleep 0.5
-  ip netns exec "${PREFIX}0" python3 - "$NET.2" "$rate" <<'EOF'
-import re, socket, sys, time
-m = re.fullmatch(r'([0-9.]+)(kbit|mbit|gbit)', sys.argv[2].lower())
-want = float(m[1]) * {'kbit': 1e3, 'mbit': 1e6, 'gbit': 1e9}[m[2]]
+  ip netns exec "${PREFIX}0" python3 - "$NET.2" "$bps" <<'EOF'
+import socket, sys, time
+want = float(sys.argv[2])
 s = socket.create_connection((sys.argv[1], 5999))
 buf = b"\0" * (1 << 16)
 sent, t0 = 0, time.monotonic()
