@@ -2,7 +2,7 @@
 
 from flowspec.sched.actions import Action, BroadcastVerdict, EmitTokens, Finish, RunDraft, SendSegment
 from flowspec.sched.budget import Budget, Mode
-from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageLost
+from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageError, StageLost
 from flowspec.sched.growth import Candidate, DraftJob, ExpandRequest, LayerGrowth, TreeGrowth
 from flowspec.sched.sampling import SamplingParams, choose_token
 from flowspec.sched.scheduler import DecodeStats, RequestState, Scheduler
@@ -13,5 +13,6 @@ __all__ = [
     "CONTEXT", "Action", "Admission", "BroadcastVerdict", "Budget", "Cancelled", "Candidate", "Compaction",
     "DecodeStats", "DraftJob", "DraftReady", "DraftTree", "EmitTokens", "Event", "ExpandRequest", "Finish",
     "LayerGrowth", "Mode", "Node", "NodeState", "Prefilled", "RequestState", "RunDraft", "SamplingParams",
-    "Scheduler", "SegmentReturned", "SendSegment", "StageLost", "StageTree", "TreeGrowth", "choose_token",
+    "Scheduler", "SegmentReturned", "SendSegment", "StageError", "StageLost", "StageTree", "TreeGrowth",
+    "choose_token",
 ]

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
     from flowspec.sched.growth import DraftJob
 
-__all__ = ["Cancelled", "DraftReady", "Event", "Prefilled", "SegmentReturned", "StageLost"]
+__all__ = ["Cancelled", "DraftReady", "Event", "Prefilled", "SegmentReturned", "StageError", "StageLost"]
 
 
 @final
@@ -46,7 +46,11 @@ class DraftReady:
 @final
 @dataclass(frozen=True, slots=True)
 class StageLost:
-    """The shell lost a stage (dead, stalled or refused); the request cannot continue on this pipeline."""
+    """The shell lost stage `stage` (dead, stalled or unreachable): the request fails on this pipeline.
+
+    The scheduler moves to ERROR and names the stage (`Scheduler.lost_stage`), so the shell can replace it and
+    continue the committed tokens with `Scheduler.resume`.
+    """
 
     stage: int
     reason: str
@@ -54,10 +58,20 @@ class StageLost:
 
 @final
 @dataclass(frozen=True, slots=True)
+class StageError:
+    """Stage `stage` reported an `error` frame for this request: the request fails, the link stays up."""
+
+    stage: int
+    code: str
+    reason: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class Cancelled:
-    """The client went away."""
+    """The client went away: the request finishes with reason "cancelled" (ignored once it has finished)."""
 
     reason: str = "cancelled by client"
 
 
-Event = Prefilled | SegmentReturned | DraftReady | StageLost | Cancelled
+Event = Prefilled | SegmentReturned | DraftReady | StageLost | StageError | Cancelled

@@ -7,17 +7,26 @@ The shell drives a job with any drafter that can forward "scratch" nodes on top 
         job.feed(drafter.expand(request.tokens, request.parents, request.positions))
 
 `parents` in a request index the scratch nodes fed since the job started (-1: child of the context).
+
+A mode policy asks for growth with a decision (`GrowTree`, `GrowLayer`); `job_for` turns it into the job for
+the current tree, or into nothing when the job could not add a node.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias, final
 
 import torch
 
 from flowspec.errors import LocalProtocolError
+from flowspec.sched.budget import Budget
+from flowspec.sched.tree import DraftTree
 
-__all__ = ["Candidate", "DraftJob", "ExpandRequest", "LayerGrowth", "TreeGrowth"]
+__all__ = [
+    "Candidate", "DraftDecision", "DraftJob", "ExpandRequest", "GrowLayer", "GrowTree", "LayerGrowth", "TreeGrowth",
+    "job_for",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,3 +204,66 @@ class LayerGrowth(DraftJob):
         pool.sort()
         self.candidates = [Candidate(token, lp, parent_id=parent) for _, parent, token, lp in pool[: self.width]]
         self._done = True
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class GrowTree:
+    """Draft up to `tokens` nodes, `depth` beam levels deep, below the live node `anchor_id`."""
+
+    anchor_id: int
+    tokens: int
+    depth: int
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class GrowLayer:
+    """PipeDec: draft one new layer below the deepest layer of the live tree."""
+
+
+DraftDecision: TypeAlias = GrowTree | GrowLayer | None  # None: draft nothing now
+
+
+def job_for(decision: GrowTree | GrowLayer, tree: DraftTree, context: tuple[int, ...], budget: Budget,
+            max_context: int) -> DraftJob | None:
+    """The job that carries out `decision` on `tree`; None when it could add no node (tree or KV full)."""
+    match decision:
+        case GrowTree():
+            return _tree_growth(decision, tree, context, budget, max_context)
+        case GrowLayer():
+            return _layer_growth(tree, context, budget.width, max_context)
+
+
+def _tree_growth(decision: GrowTree, tree: DraftTree, context: tuple[int, ...], budget: Budget,
+                 max_context: int) -> TreeGrowth | None:
+    anchor = tree.nodes[decision.anchor_id]
+    room = max_context - 1 - anchor.position  # never draft past the KV capacity
+    nodes = min(decision.tokens, budget.max_tree - len(tree))
+    if nodes < 1 or room < 1:
+        return None
+    return TreeGrowth(
+        anchor_id=anchor.id,
+        context=context,
+        path_tokens=tuple(tree.path_tokens(anchor.id)),
+        anchor_position=anchor.position,
+        topk=budget.topk,
+        depth=max(0, min(decision.depth, room - 1)),
+        budget=nodes,
+    )
+
+
+def _layer_growth(tree: DraftTree, context: tuple[int, ...], width: int, max_context: int) -> LayerGrowth | None:
+    nodes = list(tree.topological())
+    deepest = max(node.position for node in nodes)
+    if deepest + 1 >= max_context:
+        return None
+    frontier = [n for n in nodes if n.position == deepest]
+    return LayerGrowth(
+        anchor_id=tree.root_id,
+        context=context,
+        tree=tuple((n.id, n.token, tree.wire_parent(n), n.position) for n in nodes),
+        frontier=tuple(n.id for n in frontier),
+        scores=tuple(n.score for n in frontier),
+        width=width,
+    )

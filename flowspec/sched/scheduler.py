@@ -1,8 +1,9 @@
 """The head's sans-IO scheduler: `Scheduler.handle(event) -> list[Action]`.
 
 One object per request. It owns the committed tokens, the draft tree with its priority queue, the in-flight
-ledger and the verdict sequence; a mode policy decides when to draft and what to send. No I/O, no asyncio,
-no model code: the shell (flowspec.node.head) feeds it events and carries out its actions.
+ledger and the verdict sequence. A mode policy reads a `SchedulerView` and returns decisions (how many nodes to
+send now, what to draft); only the scheduler changes state. No I/O, no asyncio, no model code: the shell
+(flowspec.node) feeds it events and carries out its actions.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias, final
 
 from flowspec.errors import LocalProtocolError
 from flowspec.sched.actions import Action, BroadcastVerdict, EmitTokens, Finish, RunDraft, SendSegment
-from flowspec.sched.budget import Budget, Mode
-from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageLost
-from flowspec.sched.growth import Candidate, DraftJob, LayerGrowth, TreeGrowth
+from flowspec.sched.budget import Budget
+from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageError, StageLost
+from flowspec.sched.growth import Candidate, DraftDecision, DraftJob, job_for
+from flowspec.sched.policies import POLICIES, SchedulerView
 from flowspec.sched.sampling import SamplingParams, choose_token
-from flowspec.sched.tree import CONTEXT, DraftTree, Node, NodeState
+from flowspec.sched.tree import DraftTree, Node
 
-__all__ = ["DecodeStats", "RequestState", "Scheduler"]
+__all__ = ["CommittedAt", "DecodeStats", "RequestState", "Scheduler"]
 
 
 class RequestState(enum.Enum):
@@ -29,11 +32,13 @@ class RequestState(enum.Enum):
     ERROR = "error"  # sticky: every later event is refused with the original reason
 
 
+_FAILURES = (StageLost, StageError)
+
 # Legal (state, event type) pairs. Anything else is a LocalProtocolError naming both.
 _ACCEPTS: dict[RequestState, tuple[type, ...]] = {
-    RequestState.PREFILLING: (Prefilled, StageLost, Cancelled),
-    RequestState.DECODING: (SegmentReturned, DraftReady, StageLost, Cancelled),
-    RequestState.DONE: (SegmentReturned, DraftReady, StageLost, Cancelled),  # late arrivals are ignored
+    RequestState.PREFILLING: (Prefilled, *_FAILURES, Cancelled),
+    RequestState.DECODING: (SegmentReturned, DraftReady, *_FAILURES, Cancelled),
+    RequestState.DONE: (SegmentReturned, DraftReady, *_FAILURES, Cancelled),  # late arrivals change nothing
     RequestState.ERROR: (),
 }
 
@@ -51,6 +56,17 @@ class DecodeStats:
     def mean_accepted(self) -> float:
         runs = self.accepted_per_verification
         return sum(runs) / len(runs) if runs else 0.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CommittedAt:
+    """Where a draft lands whose parent got committed while the job ran: the committed token at `position`."""
+
+    position: int
+
+
+_Place: TypeAlias = int | CommittedAt | None  # a live node id, a committed position, or gone (branch died)
 
 
 class Scheduler:
@@ -79,13 +95,14 @@ class Scheduler:
         self.tree = DraftTree()
         self.state = RequestState.PREFILLING
         self.error: str | None = None
+        self.lost_stage: int | None = None  # set when the failure was a lost stage: the shell may resume
         self.finish_reason: str | None = None
         self.stats = DecodeStats()
         self.seq = 0  # verdicts issued
         self.committed_positions: dict[int, int] = {}  # node id -> position, for drafts that outlive their root
         self.in_flight: dict[int, tuple[int, ...]] = {}  # step -> node ids sent
         self.drafting = False
-        self.policy = _POLICIES[budget.mode](self)
+        self._policy = POLICIES[budget.mode](SchedulerView(self))
 
     @classmethod
     def resume(cls, prompt_len: int, committed: Sequence[int], budget: Budget, sampling: SamplingParams,
@@ -105,14 +122,17 @@ class Scheduler:
         root = s.tree.new_root(committed[-1], len(committed) - 1)
         s.seq = 1
         actions: list[Action] = [BroadcastVerdict(1, (), root.id, s.tree.watermark)]
-        return s, actions + s.policy.on_round_start() + s._fill()
+        return s, actions + s._start_draft(s._policy.on_round_start()) + s._fill()
 
     # -- the one entry point -----------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Action]:
+        name = type(event).__name__
         if self.state is RequestState.ERROR:
-            raise LocalProtocolError(f"request is in ERROR ({self.error}); got {type(event).__name__}")
+            raise LocalProtocolError(f"{name} is not legal in state ERROR: the request failed ({self.error})")
         if not isinstance(event, _ACCEPTS[self.state]):
-            raise LocalProtocolError(f"{type(event).__name__} is not legal in state {self.state.name}")
+            raise LocalProtocolError(f"{name} is not legal in state {self.state.name}")
+        if self.state is RequestState.DONE:
+            return self._settle_late(event)
         match event:
             case Prefilled(logits=logits):
                 return self._on_prefilled(logits)
@@ -121,11 +141,14 @@ class Scheduler:
             case DraftReady(job=job):
                 return self._on_draft(job)
             case StageLost(stage=stage, reason=reason):
-                return self._fail(f"stage {stage} lost: {reason}")
-            case Cancelled(reason=reason):
+                return self._fail(f"stage {stage} lost: {reason}", lost_stage=stage)
+            case StageError(stage=stage, code=code, reason=reason):
+                return self._fail(f"stage {stage} reported {code}: {reason}")
+            case Cancelled():
                 return self._finish("cancelled", [])
         raise LocalProtocolError(f"unknown event {event!r}")  # pragma: no cover
 
+    # -- queries for the shell ---------------------------------------------------------------------------
     @property
     def generated(self) -> list[int]:
         return self.committed[self.prompt_len :]
@@ -134,9 +157,34 @@ class Scheduler:
     def done(self) -> bool:
         return self.state in (RequestState.DONE, RequestState.ERROR)
 
+    @property
+    def idle(self) -> bool:
+        """Whether the request expects no event: not prefilling, no segment in flight, no draft job running.
+
+        Before it finishes this never holds (nothing could move the request on); the shell checks it before it
+        waits, to report a scheduler bug instead of a timeout.
+        """
+        if self.state is RequestState.PREFILLING:
+            return False
+        return self.done or (not self.in_flight and not self.drafting)
+
+    def describe_waiting(self) -> str:
+        """What the request waits for, in words, for timeout and stall messages."""
+        if self.state is RequestState.PREFILLING:
+            return "waiting for the prefill"
+        return f"segments in flight: {sorted(self.in_flight)}; draft job running: {self.drafting}"
+
     def is_live(self, node_id: int) -> bool:
         """Whether the shell should bother computing logits for a returned row."""
         return not self.done and self.tree.is_live(node_id)
+
+    def live_rows(self, ids: Sequence[int]) -> list[int]:
+        """Indices into `ids` (a returned segment's rows) whose target logits are still wanted."""
+        return [row for row, node_id in enumerate(ids) if self.is_live(node_id)]
+
+    def draft_useful(self, job: DraftJob) -> bool:
+        """Whether a running draft job can still add anything: its anchor is live, or was committed."""
+        return not self.done and self._place_of(job.anchor_id) is not None
 
     # -- handlers --------------------------------------------------------------------------------------
     def _on_prefilled(self, logits: object) -> list[Action]:
@@ -149,31 +197,37 @@ class Scheduler:
         root = self.tree.new_root(token, len(self.committed) - 1)
         self.seq += 1  # the first verdict only names the first root, so stages know it is alive
         actions.append(BroadcastVerdict(self.seq, (), root.id, self.tree.watermark))
-        actions += self.policy.on_round_start()
+        actions += self._start_draft(self._policy.on_round_start())
         actions += self._fill()
         return actions
 
     def _on_segment(self, event: SegmentReturned) -> list[Action]:
-        if self.in_flight.pop(event.step, None) is None:
-            raise LocalProtocolError(f"segment {event.step} returned but was not in flight")
-        if self.done:
-            return []
+        self._settle_segment(event.step)
         for row, node_id in enumerate(event.ids):
             self.tree.record_logits(node_id, event.logits[row])
-        if not self.policy.ready_to_verify():
+        if not self._policy.ready_to_verify():
             return self._fill()
         actions = self._walk()
-        if self.done:
-            return actions
-        return actions + self._fill()
+        return actions if self.done else actions + self._fill()
 
     def _on_draft(self, job: DraftJob) -> list[Action]:
         self.drafting = False
-        if self.done:
-            return []
         self.stats.drafts += 1
         self._merge(job)
-        return self.policy.on_draft_merged() + self._fill()
+        return self._start_draft(self._policy.on_draft_merged()) + self._fill()
+
+    def _settle_late(self, event: Event) -> list[Action]:
+        """After the finish nothing changes the output, but the ledger still checks what comes back."""
+        match event:
+            case SegmentReturned(step=step):
+                self._settle_segment(step)
+            case DraftReady():
+                self.drafting = False
+        return []
+
+    def _settle_segment(self, step: int) -> None:
+        if self.in_flight.pop(step, None) is None:
+            raise LocalProtocolError(f"segment {step} returned but was not in flight")
 
     # -- verification: walk the tree while the target's next token is known --------------------------
     def _walk(self) -> list[Action]:
@@ -200,9 +254,9 @@ class Scheduler:
             return self._finish(reason, actions)
         self.seq += 1
         actions.append(BroadcastVerdict(self.seq, tuple(commit), self.tree.root_id, self.tree.watermark))
-        fresh = self.tree.root.parent == CONTEXT and self.tree.root.state is NodeState.UNSENT
-        actions += self.policy.on_round_start() if fresh else self.policy.on_verified()
-        return actions
+        policy = self._policy
+        decision = policy.on_round_start() if self.tree.fresh_round else policy.on_verified()
+        return actions + self._start_draft(decision)
 
     def _stop_reason(self, token: int) -> str:
         if token in self.eos_ids:
@@ -215,12 +269,12 @@ class Scheduler:
     def _fill(self) -> list[Action]:
         actions: list[Action] = []
         while len(self.in_flight) < self.budget.slots:
-            nodes = self.policy.next_segment()
+            nodes = self.tree.pop_best(self._policy.segment_size())
             if not nodes:
                 break
             actions.append(self._send(nodes))
         if not self.drafting and len(self.in_flight) < self.budget.slots:
-            actions += self.policy.when_idle()
+            actions += self._start_draft(self._policy.when_idle())
         return actions
 
     def _send(self, nodes: list[Node]) -> SendSegment:
@@ -232,30 +286,21 @@ class Scheduler:
             step=step,
             after=self.seq,
             ids=tuple(n.id for n in nodes),
-            parents=tuple(n.parent if n.id != self.tree.root_id else CONTEXT for n in nodes),
+            parents=tuple(self.tree.wire_parent(n) for n in nodes),
             positions=tuple(n.position for n in nodes),
             tokens=tuple(n.token for n in nodes),
         )
 
     # -- drafting -------------------------------------------------------------------------------------
-    def run_draft(self, job: DraftJob) -> list[Action]:
-        if self.drafting:
+    def _start_draft(self, decision: DraftDecision) -> list[Action]:
+        """Carry out a policy's draft decision: one job at a time, and none that could add nothing."""
+        if decision is None or self.drafting:
+            return []
+        job = job_for(decision, self.tree, tuple(self.committed[:-1]), self.budget, self.max_context)
+        if job is None:
             return []
         self.drafting = True
         return [RunDraft(job)]
-
-    def tree_growth(self, anchor: Node, tokens: int, depth: int) -> TreeGrowth:
-        path = self.tree.path_tokens(anchor.id)
-        room = self.max_context - 1 - anchor.position  # never draft past the KV capacity
-        return TreeGrowth(
-            anchor_id=anchor.id,
-            context=tuple(self.committed[:-1]),
-            path_tokens=tuple(path),
-            anchor_position=anchor.position,
-            topk=self.budget.topk,
-            depth=max(0, min(depth, room - 1)),
-            budget=min(tokens, self.budget.max_tree - len(self.tree)),
-        )
 
     def _merge(self, job: DraftJob) -> None:
         """Add a finished job's candidates to the tree, merging by token path.
@@ -264,29 +309,26 @@ class Scheduler:
         draft when its token is the one that was committed next: it then stands for that committed position,
         or for the current root, and its own children become the root's children.
         """
-        places: list[int | None] = []  # per candidate: a live node id, a committed position (encoded < -1)
+        places: list[_Place] = []  # per candidate, where it landed
         for cand in job.candidates:
             parent = places[cand.parent_cand] if cand.parent_cand >= 0 else self._place_of(cand.parent_id)
             places.append(self._child_place(parent, cand))
 
-    def draft_useful(self, job: DraftJob) -> bool:
-        """Whether a running draft job can still add anything: its anchor is live, or was committed."""
-        return not self.done and self._place_of(job.anchor_id) is not None
-
-    def _place_of(self, node_id: int) -> int | None:
+    def _place_of(self, node_id: int) -> _Place:
         if self.tree.is_live(node_id):
             return node_id
         position = self.committed_positions.get(node_id)
-        return None if position is None else -2 - position
+        return None if position is None else CommittedAt(position)
 
-    def _child_place(self, parent: int | None, cand: Candidate) -> int | None:
-        if parent is None:
-            return None  # this branch died while the job ran
-        if parent < -1:  # the parent is committed at `position`: follow the committed sequence
-            position = -2 - parent + 1
-            if position >= len(self.committed) or self.committed[position] != cand.token:
-                return None
-            return self.tree.root_id if position == self.tree.root.position else -2 - position
+    def _child_place(self, parent: _Place, cand: Candidate) -> _Place:
+        match parent:
+            case None:
+                return None  # this branch died while the job ran
+            case CommittedAt(position=committed_at):  # follow the committed sequence
+                position = committed_at + 1
+                if position >= len(self.committed) or self.committed[position] != cand.token:
+                    return None
+                return self.tree.root_id if position == self.tree.root.position else CommittedAt(position)
         if self.tree.nodes[parent].position + 1 >= self.max_context or len(self.tree) >= self.budget.max_tree:
             return None
         return self.tree.add_child(parent, cand.token, cand.logprob).id
@@ -297,152 +339,9 @@ class Scheduler:
         self.finish_reason = reason
         return actions + [Finish(reason)]
 
-    def _fail(self, reason: str) -> list[Action]:
+    def _fail(self, reason: str, lost_stage: int | None = None) -> list[Action]:
         self.state = RequestState.ERROR
         self.error = reason
+        self.lost_stage = lost_stage
         self.finish_reason = f"error: {reason}"
         return [Finish(self.finish_reason)]
-
-
-class _Policy:
-    """What a mode does at the decision points of the shared machinery."""
-
-    def __init__(self, s: Scheduler) -> None:
-        self.s = s
-
-    def on_round_start(self) -> list[Action]:
-        return []
-
-    def on_verified(self) -> list[Action]:
-        return []
-
-    def on_draft_merged(self) -> list[Action]:
-        return []
-
-    def ready_to_verify(self) -> bool:
-        return True
-
-    def next_segment(self) -> list[Node]:
-        return self.s.tree.pop_best(self.s.budget.segment)
-
-    def when_idle(self) -> list[Action]:
-        return []
-
-
-class _AutoRegressive(_Policy):
-    def next_segment(self) -> list[Node]:
-        return self.s.tree.pop_best(1)
-
-
-class _ChunkPP(_Policy):
-    """A whole tree per round, split into num_stages + 1 chunks; verified once every chunk is back."""
-
-    def __init__(self, s: Scheduler) -> None:
-        super().__init__(s)
-        self.tree_ready = False
-
-    def on_round_start(self) -> list[Action]:
-        self.tree_ready = False
-        b = self.s.budget
-        return self.s.run_draft(self.s.tree_growth(self.s.tree.root, b.init_tokens, b.depth))
-
-    def on_draft_merged(self) -> list[Action]:
-        self.tree_ready = True
-        return []
-
-    def ready_to_verify(self) -> bool:
-        return not self.s.in_flight
-
-    def next_segment(self) -> list[Node]:
-        if not self.tree_ready:
-            return []
-        per_chunk = -(-len(self.s.tree) // (self.s.budget.num_stages + 1))
-        return self.s.tree.pop_best(per_chunk)
-
-
-class _PipeDec(_Policy):
-    """One layer per pipeline step: the root alone, then the `width` best children of the deepest layer."""
-
-    def next_segment(self) -> list[Node]:
-        return self.s.tree.pop_best(max(self.s.budget.width, 1))
-
-    def when_idle(self) -> list[Action]:
-        tree = self.s.tree
-        if tree.unsent_count():
-            return []
-        deepest = max(node.position for node in tree.nodes.values())
-        if deepest + 1 >= self.s.max_context:
-            return []
-        frontier = [n for n in tree.topological() if n.position == deepest]
-        job = LayerGrowth(
-            anchor_id=tree.root_id,
-            context=tuple(self.s.committed[:-1]),
-            tree=tuple((n.id, n.token, n.parent if n.id != tree.root_id else CONTEXT, n.position)
-                       for n in tree.topological()),
-            frontier=tuple(n.id for n in frontier),
-            scores=tuple(n.score for n in frontier),
-            width=self.s.budget.width,
-        )
-        return self.s.run_draft(job)
-
-
-class _FlowSpec(_Policy):
-    """Continuous: the best-scored unsent nodes go out every time a slot frees; expand after every verdict."""
-
-    def __init__(self, s: Scheduler) -> None:
-        super().__init__(s)
-        self.expand_pending = False
-
-    def on_round_start(self) -> list[Action]:
-        b = self.s.budget
-        return self._draft(self.s.tree.root, b.init_tokens, b.depth)
-
-    def on_verified(self) -> list[Action]:
-        b = self.s.budget
-        if self.s.tree.unsent_count() >= b.segment * b.slots:
-            return []  # the surviving subtree still fills every slot: drafting now would only delay the head
-        anchor = self._best_leaf() if b.expand_from_leaf else self.s.tree.root
-        return self._draft(anchor, b.expand_tokens, b.expand_depth)
-
-    def on_draft_merged(self) -> list[Action]:
-        if self.expand_pending:
-            self.expand_pending = False
-            return self.on_verified()
-        return []
-
-    def next_segment(self) -> list[Node]:
-        root = self.s.tree.root
-        fresh = root.parent == CONTEXT and root.state is NodeState.UNSENT
-        if fresh and self.s.drafting and not self.s.budget.eager_root:
-            return []  # a round starts: the root goes out with the first segment of its tree (paper §D.1)
-        return super().next_segment()
-
-    def when_idle(self) -> list[Action]:
-        """Nothing left to send and the drafter is free: deepen below the best-scored leaf."""
-        tree = self.s.tree
-        if tree.unsent_count() or len(tree) >= self.s.budget.max_tree:
-            return []
-        b = self.s.budget
-        return self._draft(self._best_leaf(), b.expand_tokens, b.expand_depth)
-
-    def _best_leaf(self) -> Node:
-        """The leaf most likely to lie on the accepted path (highest cumulative draft score)."""
-        leaves = [n for n in self.s.tree.nodes.values() if not n.children]
-        return max(leaves, key=lambda n: (n.score, -n.id))
-
-    def _draft(self, anchor: Node, tokens: int, depth: int) -> list[Action]:
-        if self.s.drafting:
-            self.expand_pending = True  # expand under the newest root once the running job is merged
-            return []
-        growth = self.s.tree_growth(anchor, tokens, depth)
-        if growth.budget < 1 or anchor.position + 1 >= self.s.max_context:
-            return []
-        return self.s.run_draft(growth)
-
-
-_POLICIES: dict[Mode, type[_Policy]] = {
-    Mode.AR: _AutoRegressive,
-    Mode.CHUNK: _ChunkPP,
-    Mode.PIPEDEC: _PipeDec,
-    Mode.FLOWSPEC: _FlowSpec,
-}

@@ -115,6 +115,20 @@ class DraftTree:
     def unsent_count(self) -> int:
         return sum(1 for node in self.nodes.values() if node.state is NodeState.UNSENT)
 
+    @property
+    def fresh_round(self) -> bool:
+        """A round just started: the root is new (its parent is the committed context) and not sent yet."""
+        return self.root.parent == CONTEXT and self.root.state is NodeState.UNSENT
+
+    def wire_parent(self, node: Node) -> int:
+        """`node`'s parent as the stages see it: the root hangs under the committed context."""
+        return CONTEXT if node.id == self.root_id else node.parent
+
+    def best_leaf(self) -> Node:
+        """The leaf most likely to lie on the accepted path (highest cumulative draft score, then oldest)."""
+        leaves = [n for n in self.nodes.values() if not n.children]
+        return max(leaves, key=lambda n: (n.score, -n.id))
+
     # -- the priority queue -----------------------------------------------------------------------------
     def pop_best(self, limit: int) -> list[Node]:
         """Up to `limit` unsent live nodes, best cumulative score first; marks them in flight.

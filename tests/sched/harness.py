@@ -212,7 +212,7 @@ class FakePipeline:
 
     def _head_receive(self) -> None:
         msg = self.returned.popleft()
-        live = [i for i, node_id in enumerate(msg.ids) if self.sched.is_live(node_id)]
+        live = self.sched.live_rows(msg.ids)
         logits = torch.stack([target_logits(msg.payload[i], self.sharp) for i in live]) if live else \
             torch.zeros(0, VOCAB)
         self._apply(self.sched.handle(SegmentReturned(msg.step, tuple(msg.ids[i] for i in live), logits)))
@@ -236,6 +236,7 @@ class FakePipeline:
         s = self.sched
         if s.done:
             return
+        assert not s.idle, f"the scheduler waits for nothing ({s.describe_waiting()})"
         tree = s.tree
         for node in tree.nodes.values():  # I1 topological order
             assert node.parent == CONTEXT or node.parent < node.id or node.id == tree.root_id

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowspec.errors import LocalProtocolError, PeerProtocolError
+from flowspec.sched.actions import EmitTokens, Finish, RunDraft, SendSegment
 from flowspec.sched.budget import Budget, Mode
-from flowspec.sched.events import Prefilled, SegmentReturned
+from flowspec.sched.events import Cancelled, DraftReady, Prefilled, SegmentReturned, StageError, StageLost
 from flowspec.sched.growth import TreeGrowth
 from flowspec.sched.sampling import SamplingParams, choose_token, uniform, warped_probs
 from flowspec.sched.scheduler import RequestState, Scheduler
@@ -116,8 +117,6 @@ def test_scheduler_state_machine_refuses_illegal_events() -> None:
 def test_flowspec_expansion_anchor_is_the_new_root_or_the_best_leaf(from_leaf: bool) -> None:
     """A verdict that leaves too little unsent work triggers an expansion: under the new root by default, under
     the best-scored leaf of the surviving tree with `expand_from_leaf` (the likely path gets deeper)."""
-    from flowspec.sched.actions import RunDraft, SendSegment
-    from flowspec.sched.events import DraftReady
     from tests.sched.harness import FakeDrafter, run_job
 
     budget = Budget(Mode.FLOWSPEC, 2, init_tokens=2, topk=1, depth=1, expand_tokens=2, expand_depth=1, segment=1,
@@ -138,3 +137,101 @@ def test_flowspec_expansion_anchor_is_the_new_root_or_the_best_leaf(from_leaf: b
     assert sched.tree.root_id == child
     (expansion,) = [a.job for a in actions if isinstance(a, RunDraft)]
     assert expansion.anchor_id == (grandchild if from_leaf else child)
+
+
+def _peaked(token: int, rows: int = 0) -> torch.Tensor:
+    """Logits whose argmax is `token` (`[16]`, or `[rows, 16]`)."""
+    logits = torch.zeros(rows or 1, 16)
+    logits[:, token] = 5.0
+    return logits if rows else logits[0]
+
+
+def _decoding_ar() -> tuple[Scheduler, SendSegment]:
+    sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=5)
+    (segment,) = [a for a in sched.handle(Prefilled(_peaked(4))) if isinstance(a, SendSegment)]
+    return sched, segment
+
+
+@pytest.mark.parametrize("prefilled", [False, True])
+def test_a_lost_stage_is_a_sticky_error_that_names_the_stage(prefilled: bool) -> None:
+    sched = _decoding_ar()[0] if prefilled else Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), 5)
+    assert sched.handle(StageLost(2, "connection reset")) == [Finish("error: stage 2 lost: connection reset")]
+    assert sched.state is RequestState.ERROR and sched.done and sched.idle
+    assert sched.lost_stage == 2 and sched.error == "stage 2 lost: connection reset"
+    assert sched.finish_reason == "error: stage 2 lost: connection reset"
+    assert sched.live_rows([0, 1]) == []
+    for event in (SegmentReturned(1, (), torch.zeros(0, 16)), Cancelled(), StageLost(1, "again")):
+        name = type(event).__name__
+        with pytest.raises(LocalProtocolError, match=f"{name} is not legal in state ERROR.*connection reset"):
+            sched.handle(event)
+    assert sched.lost_stage == 2 and sched.error == "stage 2 lost: connection reset"  # the first failure stays
+
+
+def test_a_stage_error_fails_the_request_without_a_lost_stage() -> None:
+    sched, _ = _decoding_ar()
+    assert sched.handle(StageError(1, "oom", "cache full")) == [Finish("error: stage 1 reported oom: cache full")]
+    assert sched.state is RequestState.ERROR and sched.lost_stage is None
+    with pytest.raises(LocalProtocolError, match="DraftReady is not legal in state ERROR.*cache full"):
+        sched.handle(DraftReady(TreeGrowth(anchor_id=0, context=())))
+
+
+@pytest.mark.parametrize("prefilled", [False, True])
+def test_cancel_finishes_a_live_request_and_late_events_change_nothing(prefilled: bool) -> None:
+    if prefilled:
+        sched, segment = _decoding_ar()
+    else:
+        sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=5)
+    assert sched.handle(Cancelled()) == [Finish("cancelled")]
+    assert sched.state is RequestState.DONE and sched.finish_reason == "cancelled" and sched.idle
+    assert sched.handle(Cancelled()) == []
+    assert sched.handle(StageLost(1, "late")) == [] and sched.handle(StageError(1, "x", "late")) == []
+    if prefilled:  # the segment still in flight comes back late: settled in the ledger, not verified
+        assert sched.handle(SegmentReturned(segment.step, segment.ids, _peaked(7, rows=1))) == []
+        assert sched.generated == [4] and not sched.in_flight
+        with pytest.raises(LocalProtocolError, match="not in flight"):
+            sched.handle(SegmentReturned(segment.step, segment.ids, _peaked(7, rows=1)))
+    assert sched.state is RequestState.DONE and sched.finish_reason == "cancelled" and sched.lost_stage is None
+
+
+def test_cancel_after_eos_keeps_the_finish_reason() -> None:
+    sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=5, eos_ids=[4])
+    assert sched.handle(Prefilled(_peaked(4))) == [EmitTokens((4,)), Finish("eos")]
+    assert sched.handle(Cancelled()) == []
+    assert sched.finish_reason == "eos"
+
+
+def test_shell_queries_live_rows_idle_and_what_the_request_waits_for() -> None:
+    sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=3)
+    assert not sched.idle and sched.describe_waiting() == "waiting for the prefill"
+    (first,) = [a for a in sched.handle(Prefilled(_peaked(4))) if isinstance(a, SendSegment)]
+    (root,) = first.ids
+    assert not sched.idle and sched.describe_waiting() == f"segments in flight: [{first.step}]; draft job running: False"
+    assert sched.live_rows([root + 50, root, root]) == [1, 2]  # an id never created is not live
+    actions = sched.handle(SegmentReturned(first.step, (root,), _peaked(5, rows=1)))
+    (second,) = [a for a in actions if isinstance(a, SendSegment)]
+    assert sched.live_rows([root, second.ids[0]]) == [1]  # the committed root needs no logits any more
+    assert sched.describe_waiting() == f"segments in flight: [{second.step}]; draft job running: False"
+    sched.handle(SegmentReturned(second.step, second.ids, _peaked(6, rows=1)))
+    assert sched.done and sched.idle and sched.live_rows(second.ids) == [] and sched.generated == [4, 5, 6]
+
+
+def test_a_draft_whose_anchor_got_committed_meanwhile_grows_the_new_root() -> None:
+    """The root goes out before its tree (eager_root) and is verified while the drafter still works on it: the
+    candidate carrying the committed token stands for the new root, and its child becomes the root's child."""
+    budget = Budget(Mode.FLOWSPEC, 2, init_tokens=2, topk=1, depth=1, eager_root=True)
+    sched = Scheduler([1, 2, 3], budget, SamplingParams(), max_new_tokens=20)
+    actions = sched.handle(Prefilled(_peaked(5)))
+    (job,) = [a.job for a in actions if isinstance(a, RunDraft)]
+    (sent,) = [a for a in actions if isinstance(a, SendSegment)]
+    assert sched.describe_waiting() == f"segments in flight: [{sent.step}]; draft job running: True"
+    old_root = sent.ids[0]
+    sched.handle(SegmentReturned(sent.step, (old_root,), _peaked(9, rows=1)))  # the target commits 9
+    assert sched.generated == [5, 9] and not sched.tree.is_live(old_root)
+    assert sched.draft_useful(job)  # its anchor was committed, so its drafts may still fit
+    while (request := job.next_request()) is not None:  # the drafter guesses 9, then 11
+        job.feed(torch.log_softmax(_peaked(9 if len(job.candidates) == 0 else 11, rows=len(request.tokens)), -1))
+    assert [c.token for c in job.candidates] == [9, 11]
+    sched.handle(DraftReady(job))
+    root = sched.tree.root
+    assert root.token == 9 and list(root.children) == [11]
+    assert sched.tree.nodes[root.children[11]].position == root.position + 1

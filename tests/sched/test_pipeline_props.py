@@ -8,8 +8,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from flowspec.sched.actions import Finish
 from flowspec.sched.budget import Mode
+from flowspec.sched.events import StageLost
 from flowspec.sched.sampling import SamplingParams
+from flowspec.sched.scheduler import RequestState
 from tests.sched.harness import FakePipeline, budget_for, sequential_oracle
 
 MODES = [Mode.AR, Mode.CHUNK, Mode.PIPEDEC, Mode.FLOWSPEC]
@@ -117,6 +120,9 @@ def test_resuming_after_a_lost_pipeline_continues_the_same_output(
         first.moves()[rng.randrange(len(first.moves()))]()
     out = list(first.output)
     if not first.finished:
+        lost = stages  # the shell reports the loss; the scheduler names the stage so the shell can resume
+        assert first.sched.handle(StageLost(lost, "link reset")) == [Finish(f"error: stage {lost} lost: link reset")]
+        assert first.sched.state is RequestState.ERROR and first.sched.lost_stage == lost
         second = FakePipeline(first.sched.committed, budget, sampling, max_new_tokens=30, agreement=0.7,
                               sharp=temperature == 0, resume_prompt_len=len(prompt))
         out += second.run(lambda n: rng.randrange(n))

@@ -1,0 +1,181 @@
+"""Mode policies: what ar, chunk, pipedec and flowspec decide at the scheduler's decision points.
+
+A policy reads its scheduler through a `SchedulerView` (queries only) and returns decisions: how many of the
+best unsent nodes go out next, and which draft job to run (`GrowTree`, `GrowLayer` or None). The scheduler
+carries them out, so every change of state happens in one place.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flowspec.sched.budget import Budget, Mode
+from flowspec.sched.growth import DraftDecision, GrowLayer, GrowTree
+
+if TYPE_CHECKING:
+    from flowspec.sched.scheduler import Scheduler
+
+__all__ = ["POLICIES", "SchedulerView"]
+
+
+class SchedulerView:
+    """What a policy may know of its scheduler: queries only, so every change goes through the scheduler."""
+
+    __slots__ = ("_s",)
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._s = scheduler
+
+    @property
+    def budget(self) -> Budget:
+        return self._s.budget
+
+    @property
+    def drafting(self) -> bool:
+        """A draft job is running (there is at most one)."""
+        return self._s.drafting
+
+    @property
+    def segments_in_flight(self) -> int:
+        return len(self._s.in_flight)
+
+    @property
+    def tree_size(self) -> int:
+        return len(self._s.tree)
+
+    @property
+    def unsent_count(self) -> int:
+        return self._s.tree.unsent_count()
+
+    @property
+    def root_id(self) -> int:
+        return self._s.tree.root_id
+
+    @property
+    def fresh_round(self) -> bool:
+        """A round just started: its root is not sent yet."""
+        return self._s.tree.fresh_round
+
+    def best_leaf_id(self) -> int:
+        return self._s.tree.best_leaf().id
+
+
+class _Policy:
+    """What a mode decides at the decision points of the shared machinery; it reads, the scheduler acts."""
+
+    def __init__(self, view: SchedulerView) -> None:
+        self.view = view
+
+    def on_round_start(self) -> DraftDecision:
+        """A fresh root: the previous round's tree is gone."""
+        return None
+
+    def on_verified(self) -> DraftDecision:
+        """A verdict moved the root into the surviving tree."""
+        return None
+
+    def on_draft_merged(self) -> DraftDecision:
+        return None
+
+    def ready_to_verify(self) -> bool:
+        return True
+
+    def segment_size(self) -> int:
+        """How many of the best unsent nodes go out as the next segment now (0: none)."""
+        return self.view.budget.segment
+
+    def when_idle(self) -> DraftDecision:
+        """Nothing more goes out now, a slot is free and no draft job runs."""
+        return None
+
+
+class _AutoRegressive(_Policy):
+    def segment_size(self) -> int:
+        return 1
+
+
+class _ChunkPP(_Policy):
+    """A whole tree per round, split into num_stages + 1 chunks; verified once every chunk is back."""
+
+    def __init__(self, view: SchedulerView) -> None:
+        super().__init__(view)
+        self.tree_ready = False
+
+    def on_round_start(self) -> DraftDecision:
+        self.tree_ready = False
+        b = self.view.budget
+        return GrowTree(self.view.root_id, b.init_tokens, b.depth)
+
+    def on_draft_merged(self) -> DraftDecision:
+        self.tree_ready = True
+        return None
+
+    def ready_to_verify(self) -> bool:
+        return self.view.segments_in_flight == 0
+
+    def segment_size(self) -> int:
+        if not self.tree_ready:
+            return 0
+        return -(-self.view.tree_size // (self.view.budget.num_stages + 1))
+
+
+class _PipeDec(_Policy):
+    """One layer per pipeline step: the root alone, then the `width` best children of the deepest layer."""
+
+    def segment_size(self) -> int:
+        return max(self.view.budget.width, 1)
+
+    def when_idle(self) -> DraftDecision:
+        return None if self.view.unsent_count else GrowLayer()
+
+
+class _FlowSpec(_Policy):
+    """Continuous: the best-scored unsent nodes go out every time a slot frees; expand after every verdict."""
+
+    def __init__(self, view: SchedulerView) -> None:
+        super().__init__(view)
+        self.expand_pending = False
+
+    def on_round_start(self) -> DraftDecision:
+        b = self.view.budget
+        return self._draft(self.view.root_id, b.init_tokens, b.depth)
+
+    def on_verified(self) -> DraftDecision:
+        v, b = self.view, self.view.budget
+        if v.unsent_count >= b.segment * b.slots:
+            return None  # the surviving subtree still fills every slot: drafting now would only delay the head
+        anchor = v.best_leaf_id() if b.expand_from_leaf else v.root_id
+        return self._draft(anchor, b.expand_tokens, b.expand_depth)
+
+    def on_draft_merged(self) -> DraftDecision:
+        if self.expand_pending:
+            self.expand_pending = False
+            return self.on_verified()
+        return None
+
+    def segment_size(self) -> int:
+        v = self.view
+        if v.fresh_round and v.drafting and not v.budget.eager_root:
+            return 0  # a round starts: the root goes out with the first segment of its tree (paper §D.1)
+        return v.budget.segment
+
+    def when_idle(self) -> DraftDecision:
+        """Nothing left to send and the drafter is free: deepen below the best-scored leaf."""
+        v, b = self.view, self.view.budget
+        if v.unsent_count or v.tree_size >= b.max_tree:
+            return None
+        return self._draft(v.best_leaf_id(), b.expand_tokens, b.expand_depth)
+
+    def _draft(self, anchor_id: int, tokens: int, depth: int) -> DraftDecision:
+        if self.view.drafting:
+            self.expand_pending = True  # expand under the newest root once the running job is merged
+            return None
+        return GrowTree(anchor_id, tokens, depth)
+
+
+POLICIES: dict[Mode, type[_Policy]] = {
+    Mode.AR: _AutoRegressive,
+    Mode.CHUNK: _ChunkPP,
+    Mode.PIPEDEC: _PipeDec,
+    Mode.FLOWSPEC: _FlowSpec,
+}
