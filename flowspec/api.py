@@ -22,7 +22,9 @@ from typing import Any
 
 from flowspec.config import Peers, load_secret, read_peers
 from flowspec.errors import ConfigError
-from flowspec.net import LinkShape, Timeouts
+from flowspec.model import Drafter
+from flowspec.net import Timeouts
+from flowspec.node.backend import Backend
 from flowspec.node.build import Deployment, build_head, deployment
 from flowspec.node.head import GenerationResult, HeadNode
 from flowspec.node.local import LocalCluster
@@ -46,18 +48,20 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    budget: dict[str, int] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)  # Budget field -> value
 
 
 class Cluster:
     """A head (this process) connected to a pipeline of stages."""
 
-    def __init__(self, head: HeadNode, dep: Deployment, draft: str | None, cache_dir: str | None,
+    def __init__(self, head: HeadNode, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
                  local: LocalCluster | None = None) -> None:
-        from flowspec.model import load_tokenizer, resolve
+        from flowspec.store import load_tokenizer, resolve
 
-        self.head, self.dep, self.draft_spec, self.cache_dir, self.local = head, dep, draft, cache_dir, local
-        self.head_device: Any = None  # flowspec.node.pacer.HeadDevice when emulating a device profile
+        self.head, self.dep, self.cache_dir, self.local = head, dep, cache_dir, local
+        self.draft_spec = draft.name if isinstance(draft, Drafter) else draft
+        if isinstance(draft, Drafter):
+            head.drafter = draft
         self.tokenizer = load_tokenizer(dep.model, cache_dir)
         self.eos_ids = _eos_ids(resolve(dep.model, cache_dir), self.tokenizer, dep.config.eos_token_ids)
 
@@ -65,76 +69,59 @@ class Cluster:
     @classmethod
     async def start_local(cls, model: str, stages: int, *, draft: str | None = None,
                           layers: list[int] | None = None, cache_dir: str | None = None,
-                          link: str | None = None, timeouts: Timeouts | None = None,
-                          recovery_timeout: float = 30.0,
-                          node_args: Sequence[str] = (), step_timeout: float = 60.0,
-                          profile: str | None = None, dilation: float = 1.0) -> Cluster:
-        """Start `stages` stage processes on loopback and connect to them.
-
-        `link` shapes every hop of the ring (each on its sending side); `profile` (a device cost profile name or
-        TOML file, see flowspec.model.profiles) paces every stage and the head's lm_head and drafter, with all
-        device times and link latencies × `dilation` and bandwidths / `dilation`.
-        """
+                          timeouts: Timeouts | None = None, recovery_timeout: float = 30.0,
+                          node_args: Sequence[str] = (), step_timeout: float = 60.0) -> Cluster:
+        """Start `stages` stage processes on loopback and connect to them (`node_args`: more flowspec-node
+        options for every stage). The processes end with `aclose()`."""
         dep = deployment(model, stages, layers, cache_dir)  # split once here, not in N racing processes
-        extra = list(node_args)
-        if link:
-            extra += ["--link", link]
-        if profile:
-            extra += ["--profile", profile]
-        if link or profile:
-            extra += ["--dilation", repr(float(dilation))]
-        local = LocalCluster(model, stages, layers, cache_dir, extra_args=extra)
+        local = LocalCluster(model, stages, layers, cache_dir, extra_args=list(node_args))
         await local.start()
         try:
-            return await cls._connect(local.peers, dep, draft, cache_dir, None, link, timeouts, local,
-                                      step_timeout, profile, dilation, recovery_timeout=recovery_timeout)
+            return await cls._connect(local.peers, dep, draft, cache_dir, None, timeouts, step_timeout,
+                                      recovery_timeout, Backend(), local)
         except BaseException:
             local.stop()
             raise
 
     @classmethod
-    async def connect(cls, peers: str | os.PathLike[str] | Peers, *, model: str, draft: str | None = None,
-                      cache_dir: str | None = None, secret: bytes | None = None, link: str | None = None,
-                      timeouts: Timeouts | None = None, step_timeout: float = 60.0,
-                      recovery_timeout: float = 30.0) -> Cluster:
+    async def connect(cls, peers: str | os.PathLike[str] | Peers, *, model: str, draft: str | Drafter | None = None,
+                      cache_dir: str | None = None, secret: bytes | None = None, timeouts: Timeouts | None = None,
+                      step_timeout: float = 60.0, recovery_timeout: float = 30.0,
+                      backend: Backend | None = None) -> Cluster:
         """Connect to running `flowspec-node` processes listed in a peers file (the head is line 1).
 
-        `timeouts` are the head's link deadlines (heartbeats); a lost stage is waited for (restarted, or a
-        standby= address) up to `recovery_timeout` seconds, then the request fails (0: fail at once).
+        `draft` is a draft spec (see `default_draft`) or an already loaded Drafter. `timeouts` are the head's
+        link deadlines (heartbeats); a lost stage is waited for (restarted, or a standby= address) up to
+        `recovery_timeout` seconds, then the request fails (0: fail at once). `backend` is where the head's
+        compute runs and how its links reach the wire (flowspec.node.Backend; the default is this machine).
         """
         parsed = peers if isinstance(peers, Peers) else read_peers(peers)
         dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir)
-        return await cls._connect(parsed, dep, draft, cache_dir, secret or load_secret(), link, timeouts, None,
-                                  step_timeout, recovery_timeout=recovery_timeout)
+        return await cls._connect(parsed, dep, draft, cache_dir, secret or load_secret(), timeouts, step_timeout,
+                                  recovery_timeout, backend or Backend(), None)
 
     @classmethod
-    async def _connect(cls, peers: Peers, dep: Deployment, draft: str | None, cache_dir: str | None,
-                       secret: bytes | None, link: str | None, timeouts: Timeouts | None,
-                       local: LocalCluster | None, step_timeout: float, profile: str | None = None,
-                       dilation: float = 1.0, recovery_timeout: float = 30.0) -> Cluster:
-        shape = LinkShape.parse(link).scaled(dilation) if link else None
-        device, charge = None, None
-        if profile:
-            from flowspec.model.profiles import load_profile, make_charge_bytes
-            from flowspec.node.pacer import HeadDevice
-
-            prof = load_profile(profile)
-            device, charge = HeadDevice(prof, dilation), make_charge_bytes(prof)
-        head = build_head(dep, peers, secret, timeouts or Timeouts(), shape=shape, step_timeout=step_timeout,
-                          charge_bytes=charge, recovery_timeout=recovery_timeout)
-        if device is not None:
-            head.lm_head = device.lm_head(head.lm_head)  # type: ignore[assignment]
+    async def _connect(cls, peers: Peers, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
+                       secret: bytes | None, timeouts: Timeouts | None, step_timeout: float,
+                       recovery_timeout: float, backend: Backend, local: LocalCluster | None) -> Cluster:
+        head = build_head(dep, peers, secret, timeouts or Timeouts(), step_timeout=step_timeout,
+                          recovery_timeout=recovery_timeout, backend=backend)
         # the tokenizer first: loading it blocks the loop for seconds on a busy CPU, and with the links already
         # up that missed their heartbeats (every stage dropped the head; the first request needed a recovery)
         cluster = cls(head, dep, draft, cache_dir, local)
-        cluster.head_device = device
-        await head.connect()
+        try:
+            await head.connect()
+        except BaseException:
+            await head.aclose()
+            raise
         return cluster
 
     async def aclose(self) -> None:
-        await self.head.aclose()
-        if self.local is not None:
-            self.local.stop()
+        try:
+            await self.head.aclose()
+        finally:
+            if self.local is not None:
+                self.local.stop()
 
     async def __aenter__(self) -> Cluster:
         return self
@@ -164,13 +151,13 @@ class Cluster:
         if spec is None:
             raise ConfigError(f"mode {mode.value} needs a draft model: pass --draft (a model sharing the "
                               "target's tokenizer, self, self:layers=N or random)")
-        from flowspec.model import make_drafter
+        from flowspec.store import make_drafter
 
         # on a worker thread: loading takes seconds, and a blocked loop misses the links' heartbeats
         drafter = await asyncio.to_thread(make_drafter, spec, self.dep.model, self.cache_dir)
         if self.head.drafter is not None:
             return  # another request loaded it meanwhile
-        self.head.drafter = self.head_device.drafter(drafter) if self.head_device is not None else drafter
+        self.head.drafter = drafter
         self.draft_spec = spec
 
     async def stream_tokens(self, prompt: str | Sequence[int], request: Request = Request(),

@@ -2,7 +2,7 @@
 # Real kernel links for the edge testbed: one network namespace per device, joined by a bridge, each device's
 # egress shaped with tbf. A complement to flowspec's user-space shaping (`--link`), for checking it against the
 # kernel's TCP stack: tbf limits bandwidth; this kernel has no netem, so latency stays in user space
-# (`flowspec-node --link 100gbit,1ms` adds 1 ms per hop without a second bandwidth limit).
+# (`python -m flowspec.bench.node --profile ... --link 100gbit,1ms` adds 1 ms per hop without a second bandwidth limit).
 #
 #   sudo scripts/netns-testbed.sh up 5 150mbit      # fs0 (the head) .. fs4, 10.77.0.1 .. 10.77.0.5
 #   scripts/netns-testbed.sh peers 5 7000 > peers.txt # head first, one port per device
@@ -29,7 +29,7 @@ rate_bps() {  # the rate in bit/s, read by flowspec's own link-shape parser (sam
   "$ROOT/.venv/bin/python" -c "
 import sys
 from flowspec.errors import ConfigError
-from flowspec.net.shaping import LinkShape
+from flowspec.bench.shaping import LinkShape
 try:
     print(int(LinkShape.parse(sys.argv[1]).bandwidth_bps))
 except ConfigError as exc:

@@ -25,15 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from flowspec.api import Cluster, Request  # noqa: E402
+from flowspec.cli.options import result_row  # noqa: E402
 from flowspec.node.head import GenerationResult  # noqa: E402
-from flowspec.prompts import Prompt, read_prompt_file  # noqa: E402
-from flowspec.run import result_row  # noqa: E402
+from flowspec.prompts import read_prompt_file  # noqa: E402
 
 PROMPT = "Explain why the sky is blue in two sentences."
 
 
 def hf_per_token(model: str, ids: list[int], n: int) -> tuple[float, list[int]]:
-    from flowspec.model import load_hf_reference
+    from flowspec.store import load_hf_reference
 
     ref = load_hf_reference(model)
     x = torch.tensor([ids])

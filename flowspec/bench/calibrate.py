@@ -8,6 +8,7 @@ Stage processes run with one torch thread each; the stage forward is timed with 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flowspec.model.profiles import Profile
+from flowspec.bench.profiles import Profile
 
 __all__ = ["Calibration", "calibrate"]
 
@@ -50,7 +51,7 @@ def _best_of(fn: Callable[[], object], reps: int = 3) -> float:
 def calibrate(profile: Profile, dep: Any, drafter: Any, *, segment_rows: int, beam: int, draft_rows: int,
               context: int = 128, prefill_rows: int = 60, margin: float = 1.3) -> Calibration:
     """`dep`: a flowspec.node.build.Deployment; `drafter`: a real (unpaced) Drafter or None for ar only."""
-    from flowspec.model import load_head, load_stage
+    from flowspec.store import load_head, load_stage
 
     cal = Calibration(dilation=1.0, margin=margin)
 
@@ -78,7 +79,7 @@ def calibrate(profile: Profile, dep: Any, drafter: Any, *, segment_rows: int, be
             stage.forward(torch.randint(0, 100, (context,)) if k == 1 else torch.randn(context, h),
                           torch.arange(0, context), cache)
         for n in sorted({1, segment_rows}):
-            note(f"stage_forward_{n}", _best_of(lambda n=n: fwd(n)), profile.stage_cost(n, context))
+            note(f"stage_forward_{n}", _best_of(functools.partial(fwd, n)), profile.stage_cost(n, context))
         note(f"stage_prefill_{prefill_rows}", _best_of(lambda: fwd(prefill_rows), 2),
              profile.stage_cost(prefill_rows, 0))
     finally:

@@ -22,7 +22,7 @@ REFERENCE_MODES = ("hf", "hf-assisted")
 
 
 def add_bench_command(sub: Any) -> None:
-    from flowspec.run import add_budget_args
+    from flowspec.cli.options import add_budget_args
 
     p = sub.add_parser("bench", help="benchmark decoding modes side by side on an emulated edge testbed",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
@@ -90,16 +90,19 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     import torch
     from tqdm import tqdm
 
-    from flowspec.net import Timeouts
-
     from flowspec.api import Cluster, Request, default_draft
-    from flowspec.model import make_drafter
-    from flowspec.model.profiles import load_profile
+    from flowspec.bench.node import emulation_args
+    from flowspec.bench.profiles import load_profile
+    from flowspec.bench.shaping import LinkShape
+    from flowspec.bench.testbed import EmulatedBackend
+    from flowspec.cli.options import budget_overrides, result_row
+    from flowspec.net import Timeouts
     from flowspec.node.build import deployment
     from flowspec.node.head import GenerationResult
+    from flowspec.node.local import LocalCluster
     from flowspec.prompts import read_prompt_dir
-    from flowspec.run import budget_overrides, result_row
     from flowspec.sched import Budget, Mode
+    from flowspec.store import make_drafter
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
@@ -113,7 +116,10 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     needs_draft = any(m not in ("ar", "hf") for m in modes)
     if needs_draft and draft is None:
         raise ConfigError(f"modes {modes} need a draft: pass --draft")
+    if args.link and not args.profile:
+        raise ConfigError("--link shapes the emulated testbed's links: give a --profile too")
     profile = load_profile(args.profile) if args.profile else None
+    link = LinkShape.parse(args.link) if args.link else None
     dep = deployment(args.model, args.stages, layers, args.cache_dir)
     real_drafter = make_drafter(draft, args.model, args.cache_dir) if needs_draft and draft else None
 
@@ -129,75 +135,80 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
         dilation = calibration.dilation
         print(f"calibrated D = {dilation} (binding: {calibration.binding}, ratios "
               f"{ {k: round(v, 2) for k, v in calibration.ratios.items()} })", file=sys.stderr)
+    args.dilation = dilation
 
     stats_tpl = str(out / "stage-{index}.stats.jsonl")
     for k in range(1, args.stages + 1):
         Path(stats_tpl.format(index=k)).unlink(missing_ok=True)
     rows_out: list[dict[str, Any]] = []
     first: dict[str, dict[str, Any]] = {}  # mode -> timeline data of the first prompt
-    cluster = None
+    stats_pos = {k: 0 for k in range(1, args.stages + 1)}
+    hf = _HFRefs(args, draft, refs) if refs else None
     if pipeline:
         # heartbeats ride the dilated, shaped links: give them room in proportion to D
         beat = 5.0 + 2.0 * dilation
-        cluster = await Cluster.start_local(args.model, args.stages, draft=draft, layers=layers,
-                                            cache_dir=args.cache_dir, link=args.link,
-                                            node_args=["--stats-file", stats_tpl, "--heartbeat-timeout", str(beat)],
-                                            profile=args.profile, dilation=dilation,
-                                            timeouts=Timeouts(heartbeat_timeout=beat),
-                                            step_timeout=max(60.0, 10 * dilation))
-    stats_pos = {k: 0 for k in range(1, args.stages + 1)}
-    hf = _HFRefs(args, draft, refs) if refs else None
-    try:
-        if cluster is not None and real_drafter is not None:
-            dev = cluster.head_device
-            cluster.head.drafter = dev.drafter(real_drafter) if dev is not None else real_drafter
-            cluster.draft_spec = draft
-        total = len(prompts) * len(modes)
-        bar = tqdm(total=total, desc="bench", unit="run", disable=args.no_progress, file=sys.stderr)
-        for p_index, prompt in enumerate(prompts):
-            for mode in modes:
-                bar.set_postfix_str(f"{prompt.source}/{prompt.id} {mode}")
-                if mode in REFERENCE_MODES:
-                    assert hf is not None
-                    row = hf.run(mode, prompt.text)
-                    row.update(id=prompt.id, source=prompt.source, mode=mode)
-                    rows_out.append(row)
-                    bar.update(1)
-                    continue
-                assert cluster is not None
-                request = Request(mode, args.max_new_tokens, 0.0, 1.0, 0, overrides)
-                result = GenerationResult()
-                dev = cluster.head_device
-                head_over0 = dev.pacer.overruns if dev else 0
-                head_busy0 = len(dev.busy) if dev else 0
-                t0 = time.monotonic()
-                async for _ in cluster.stream_tokens(prompt.text, request, result):
-                    pass
-                t1 = time.monotonic()
-                await asyncio.sleep(0.05)  # let the stages write their close reports
-                stage_reports = _read_stage_stats(stats_tpl, stats_pos)
-                row = result_row(prompt, result, cluster, mode)
-                head_busy = dev.busy[head_busy0:] if dev else []
-                row.update(
-                    source=prompt.source,
-                    tokens_count=len(result.tokens),
-                    total_s=round(result.total_s, 4),
-                    decode_s=round(result.decode_s, 4),
-                    head_overruns=(dev.pacer.overruns - head_over0) if dev else 0,
-                    stage_overruns={k: r.get("overruns", 0) for k, r in stage_reports.items()},
-                    bytes_real=result.bytes_sent + sum(r.get("bytes_sent", 0) for r in stage_reports.values()),
-                    bytes_charged=result.bytes_charged + sum(r.get("bytes_charged", 0)
-                                                             for r in stage_reports.values()),
-                    head_busy_s=round(sum(e - s for s, e, _ in head_busy), 4),
-                )
+        node_args = ["--heartbeat-timeout", str(beat)]
+        module = "flowspec.cli.node"
+        head_backend = None
+        if profile is not None:
+            module = "flowspec.bench.node"
+            node_args += [*emulation_args(args), "--stats-file", stats_tpl]
+            head_backend = EmulatedBackend(profile, dilation, num_stages=args.stages, link=link, name="head")
+        local = LocalCluster(args.model, args.stages, layers, args.cache_dir, extra_args=node_args, module=module)
+        await local.start()
+        try:
+            async with await Cluster.connect(local.peers, model=args.model, draft=real_drafter,
+                                             cache_dir=args.cache_dir, timeouts=Timeouts(heartbeat_timeout=beat),
+                                             step_timeout=max(60.0, 10 * dilation), backend=head_backend) as cluster:
+                bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=args.no_progress,
+                           file=sys.stderr)
+                for p_index, prompt in enumerate(prompts):
+                    for mode in modes:
+                        bar.set_postfix_str(f"{prompt.source}/{prompt.id} {mode}")
+                        if mode in REFERENCE_MODES:
+                            assert hf is not None
+                            row = hf.run(mode, prompt.text)
+                            row.update(id=prompt.id, source=prompt.source, mode=mode)
+                            rows_out.append(row)
+                            bar.update(1)
+                            continue
+                        request = Request(mode, args.max_new_tokens, 0.0, 1.0, 0, overrides)
+                        result = GenerationResult()
+                        t0 = time.monotonic()
+                        async for _ in cluster.stream_tokens(prompt.text, request, result):
+                            pass
+                        t1 = time.monotonic()
+                        await asyncio.sleep(0.05)  # let the stages write their close reports
+                        stage_reports = _read_stage_stats(stats_tpl, stats_pos)
+                        head_report = head_backend.report() if head_backend is not None else {}
+                        row = result_row(prompt, result, cluster, mode)
+                        row.update(
+                            source=prompt.source,
+                            tokens_count=len(result.tokens),
+                            total_s=round(result.total_s, 4),
+                            decode_s=round(result.decode_s, 4),
+                            head_overruns=head_report.get("overruns", 0),
+                            overruns_by_kind=_merge_kinds([head_report, *stage_reports.values()]),
+                            stage_overruns={k: r.get("overruns", 0) for k, r in stage_reports.items()},
+                            bytes_real=result.bytes_sent + sum(r.get("bytes_sent", 0)
+                                                               for r in stage_reports.values()),
+                            bytes_charged=head_report.get("bytes_charged", result.bytes_sent)
+                            + sum(r.get("bytes_charged", 0) for r in stage_reports.values()),
+                            head_busy_s=round(result.head_busy_s, 4),
+                        )
+                        rows_out.append(row)
+                        if p_index == 0:
+                            first[mode] = {"busy": result.busy, "head": list(result.head_busy), "t0": t0, "t1": t1}
+                        bar.update(1)
+                bar.close()
+        finally:
+            local.stop()
+    elif hf is not None:
+        for prompt in prompts:
+            for mode in refs:
+                row = hf.run(mode, prompt.text)
+                row.update(id=prompt.id, source=prompt.source, mode=mode)
                 rows_out.append(row)
-                if p_index == 0:
-                    first[mode] = {"busy": result.busy, "head": head_busy, "t0": t0, "t1": t1}
-                bar.update(1)
-        bar.close()
-    finally:
-        if cluster is not None:
-            await cluster.aclose()
 
     results = _summarize(args, modes, rows_out, dilation, profile, calibration, dep)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -212,7 +223,7 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     return results
 
 
-def _segment_rows(modes: list[str], stages: int, overrides: dict[str, int]) -> int:
+def _segment_rows(modes: list[str], stages: int, overrides: dict[str, Any]) -> int:
     """The largest segment (rows per stage forward) the run's modes send."""
     from flowspec.sched import Budget, Mode
 
@@ -228,6 +239,15 @@ def _segment_rows(modes: list[str], stages: int, overrides: dict[str, int]) -> i
     return rows
 
 
+def _merge_kinds(reports: list[dict[str, Any]]) -> dict[str, int]:
+    """Overruns by work kind (stage, lm_head, draft, draft_sync), summed over nodes."""
+    total: dict[str, int] = {}
+    for r in reports:
+        for kind, n in (r.get("overruns_by_kind") or {}).items():
+            total[kind] = total.get(kind, 0) + int(n)
+    return total
+
+
 def _read_stage_stats(tpl: str, pos: dict[int, int]) -> dict[int, dict[str, Any]]:
     """New close reports of each stage since the last call (one request at a time: one report each)."""
     reports: dict[int, dict[str, Any]] = {}
@@ -241,6 +261,9 @@ def _read_stage_stats(tpl: str, pos: dict[int, int]) -> dict[int, dict[str, Any]
             acc = reports.setdefault(k, {})
             for key in ("overruns", "paced_steps", "bytes_sent", "bytes_charged"):
                 acc[key] = acc.get(key, 0) + int(r.get(key, 0))
+            kinds = acc.setdefault("overruns_by_kind", {})
+            for kind, n in (r.get("overruns_by_kind") or {}).items():
+                kinds[kind] = kinds.get(kind, 0) + int(n)
             acc["worst_ratio"] = max(acc.get("worst_ratio", 0.0), float(r.get("worst_ratio", 0.0)))
         pos[k] = len(lines)
     return reports
@@ -252,7 +275,7 @@ class _HFRefs:
     def __init__(self, args: argparse.Namespace, draft: str | None, modes: list[str]) -> None:
         import torch
 
-        from flowspec.model import load_hf_reference, load_tokenizer
+        from flowspec.store import load_hf_reference, load_tokenizer
 
         self.args = args
         self.tok = load_tokenizer(args.model, args.cache_dir)
@@ -264,7 +287,7 @@ class _HFRefs:
             self.assistant = _hf_assistant(draft, args.model, args.cache_dir)
         self.torch = torch
         from flowspec.api import _eos_ids
-        from flowspec.model import resolve
+        from flowspec.store import resolve
 
         self.eos = list(_eos_ids(resolve(args.model, args.cache_dir), self.tok, ()))
 
@@ -291,7 +314,7 @@ class _HFRefs:
 def _hf_assistant(draft: str, target: str, cache_dir: str | None) -> Any:
     import re
 
-    from flowspec.model import load_hf_reference
+    from flowspec.store import load_hf_reference
 
     m = re.fullmatch(r"self(?::layers=(\d+))?", draft)
     if m is None:
@@ -345,6 +368,7 @@ def _summarize(args: argparse.Namespace, modes: list[str], rows: list[dict[str, 
                 "charged_bytes_per_token": round(sum(r["bytes_charged"] for r in rs) / max(tokens, 1), 1),
                 "overruns": head_over + sum(stage_over),
                 "overruns_by_node": {"head": head_over, **{f"V{k}": v for k, v in enumerate(stage_over, 1)}},
+                "overruns_by_kind": _merge_kinds([{"overruns_by_kind": r["overruns_by_kind"]} for r in rs]),
             })
         else:
             m.update({"emulated_tokens_per_s": None, "note": "single process, real CPU, not emulated"})
@@ -369,7 +393,7 @@ def _summarize(args: argparse.Namespace, modes: list[str], rows: list[dict[str, 
 
 
 def _budget_json(args: argparse.Namespace) -> dict[str, Any]:
-    from flowspec.run import budget_overrides
+    from flowspec.cli.options import budget_overrides
     from flowspec.sched import Budget, Mode
 
     b = Budget(mode=Mode.FLOWSPEC, num_stages=args.stages, **budget_overrides(args))

@@ -1,6 +1,6 @@
 """Measure model/ costs on this machine: pull/convert (from the receipt), shard load, stage forward vs tokens.
 
-    python -m flowspec.model.bench [--model smollm2-135m] [--stages 4] [--cache 256] [--reps 7]
+    python -m flowspec.bench.model_costs [--model smollm2-135m] [--stages 4] [--cache 256] [--reps 7]
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from flowspec.model.load import load_full, load_head, load_stage
-from flowspec.model.mask import tree_visible
-from flowspec.model.registry import RECEIPT, resolve
-from flowspec.model.shard import ensure_shards
 from flowspec.model.stage import StageModel
+from flowspec.store.load import load_full, load_head, load_stage
+from flowspec.store.registry import RECEIPT, resolve
+from flowspec.store.shard import ensure_shards
+from flowspec.treemask import tree_visible
 
 TOKENS = (1, 8, 16, 32, 64)
 

@@ -22,15 +22,21 @@ source of every number; ``load_profile`` also reads a user TOML file of the same
 from __future__ import annotations
 
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from flowspec.errors import ConfigError
+from flowspec.net import Message, Prefill, Segment
 
-__all__ = ["Profile", "builtin_profiles", "load_profile", "make_charge_bytes", "read_profiles"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only (JetPack 6)
+    import tomli as tomllib
+
+__all__ = ["Profile", "builtin_profiles", "load_profile", "read_profiles"]
 
 _ROW_INDEX_BYTES = 24  # ids, parents, positions: three int64 per row on the wire
 _MESSAGE_OVERHEAD = 64  # msgpack map keys, tensor headers, frame length: a small constant per message
@@ -100,6 +106,15 @@ class Profile:
         """Bytes of one hidden-state row of the profiled model on the wire."""
         return self.hidden_size * self.dtype_bytes
 
+    def wire_bytes(self, msg: Message, frame_len: int) -> int:
+        """Bytes a frame would take on the profiled device's wire: hidden-state rows as the profiled model's
+        (`rows × hidden_size × dtype_bytes` + row indices + a small constant); anything else (token ids,
+        verdicts, pings) at its real size."""
+        x = msg.x if isinstance(msg, (Prefill, Segment)) else None
+        if x is None or not x.is_floating_point() or x.dim() != 2:
+            return frame_len
+        return int(x.shape[0]) * (self.row_bytes + _ROW_INDEX_BYTES) + _MESSAGE_OVERHEAD
+
     def summary(self) -> str:
         knee = f", k1={self.k1}, b2={self.b2:g}" if self.k1 is not None else ""
         return (f"{self.name}: stage t(k)={self.a:g}+{self.b:g}k{knee}; draft level "
@@ -156,8 +171,8 @@ def read_profiles(text: str, where: str = "<profiles>") -> dict[str, Profile]:
 
 
 def builtin_profiles() -> dict[str, Profile]:
-    text = resources.files("flowspec.model").joinpath("profiles.toml").read_text()
-    return read_profiles(text, "flowspec/model/profiles.toml")
+    text = resources.files("flowspec.bench").joinpath("profiles.toml").read_text()
+    return read_profiles(text, "flowspec/bench/profiles.toml")
 
 
 def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
@@ -169,7 +184,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
     path, _, name = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     if not Path(path).is_file():
         raise ConfigError(f"unknown device profile {spec!r}: use one of {', '.join(sorted(builtins))} or a "
-                          "TOML file (see flowspec/model/profiles.toml for the format)")
+                          "TOML file (see flowspec/bench/profiles.toml for the format)")
     found = read_profiles(Path(path).read_text(), path)
     if name:
         if name not in found:
@@ -179,18 +194,3 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
         raise ConfigError(f"{path} holds {len(found)} profiles ({', '.join(sorted(found))}): pick one with "
                           f"{path}:NAME")
     return next(iter(found.values()))
-
-
-def make_charge_bytes(profile: Profile) -> Any:
-    """A `charge_bytes(msg, frame_len)` hook for `flowspec.net.connect/serve`: hidden-state messages are
-    charged as the profiled model's rows (`rows × hidden_size × dtype_bytes` + row indices + a small
-    constant); anything else (token ids, verdicts, pings) is charged at its real size."""
-
-    def charge(msg: Any, frame_len: int) -> int:
-        x = getattr(msg, "x", None)
-        if x is None or not hasattr(x, "is_floating_point") or not x.is_floating_point() or x.dim() != 2:
-            return frame_len
-        rows = int(x.shape[0])
-        return rows * (profile.row_bytes + _ROW_INDEX_BYTES) + _MESSAGE_OVERHEAD
-
-    return charge

@@ -1,4 +1,4 @@
-"""Micro-benchmarks for the wire layer: ``python -m flowspec.net.bench [--uvloop]``.
+"""Micro-benchmarks for the wire layer: ``python -m flowspec.bench.wire [--uvloop]``.
 
 * codec: encode + frame-decode + validate a 16 x 1536 fp16 segment and a small verdict;
 * loopback: ping-pong round trips of a control message over a real ``Link`` on 127.0.0.1.

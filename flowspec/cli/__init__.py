@@ -16,9 +16,9 @@ from flowspec.errors import FlowSpecError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flowspec.demo import add_demo_command
-    from flowspec.model.commands import add_commands as add_model_commands
-    from flowspec.run import add_run_command
+    from flowspec.cli.demo import add_demo_command
+    from flowspec.cli.run import add_run_command
+    from flowspec.store.commands import add_commands as add_model_commands
 
     parser = argparse.ArgumentParser(prog="flowspec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -29,8 +29,8 @@ def add_demo_command(sub: Any) -> None:
 
 
 def _ensure_pulled(names: list[str], cache_dir: str | None) -> None:
-    from flowspec.model import list_models
-    from flowspec.model.pull import pull
+    from flowspec.store import list_models
+    from flowspec.store.pull import pull
 
     have = {str(m["name"]) for m in list_models(cache_dir)}
     for name in names:

@@ -13,15 +13,17 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 
 import structlog
 
-from flowspec.config import Peer, read_peers, split_address
+from flowspec.config import Peer, Peers, read_peers, split_address
 from flowspec.errors import ConfigError, FlowSpecError
 from flowspec.logging import configure_logging
-from flowspec.net import LinkShape, Timeouts, install_uvloop, serve
+from flowspec.net import Timeouts, install_uvloop, serve
+from flowspec.node.backend import Backend
 
-__all__ = ["main", "node_parser"]
+__all__ = ["BackendFactory", "main", "node_parser", "run_stage", "serve_stage"]
 
 
 def node_parser() -> argparse.ArgumentParser:
@@ -36,20 +38,19 @@ def node_parser() -> argparse.ArgumentParser:
                                     "listed as standby=host:port on that line)")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without a shared secret")
-    p.add_argument("--link", help="emulate this link on the outgoing ring hop, e.g. 150mbit,1ms or gbe")
-    p.add_argument("--profile", help="emulate a device cost profile (e.g. jetson-7b, pi5-8b)")
-    p.add_argument("--dilation", type=float, default=1.0, help="time dilation for --profile and --link")
-    p.add_argument("--stats-file", help="append one JSON line per closed request (overruns, ring bytes); "
-                   "'{index}' in the path becomes the stage index")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a peer is dead")
     return p
 
 
-async def _serve(args: argparse.Namespace) -> None:
+BackendFactory = Callable[[Peers, int], Backend]
+
+
+async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | None = None) -> None:
+    """Serve stage `args.index` until SIGINT or SIGTERM; `make_backend(peers, index)` is the node's seam
+    (the emulated testbed injects its own; the default runs on this machine as it is)."""
     from flowspec.config import load_secret
     from flowspec.node.build import build_stage, deployment
-    from flowspec.node.pacer import Pacer
 
     peers = read_peers(args.peers)
     me = peers.stage(args.index)
@@ -70,24 +71,10 @@ async def _serve(args: argparse.Namespace) -> None:
     # ping at least 4 times per timeout, so that a short timeout does not fire on a healthy peer
     timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
                         heartbeat_timeout=args.heartbeat_timeout)
-    shape = LinkShape.parse(args.link).scaled(args.dilation) if args.link else None
-    pacer = Pacer()
-    charge = None
-    if args.profile:
-        from flowspec.model.profiles import load_profile, make_charge_bytes
-
-        profile = load_profile(args.profile)
-        pacer = Pacer(profile.stage_cost, args.dilation, context_aware=True)
-        charge = make_charge_bytes(profile)  # the ring hop carries the profiled model's hidden rows
-    last = args.index == peers.num_stages
-    node = build_stage(dep, peers, args.index, secret, timeouts, shape=None if last else shape, pacer=pacer)
-    node.charge_bytes = charge
-    node.stats_file = args.stats_file.format(index=args.index) if args.stats_file else None
-    # The last stage's ring hop (VN -> head) runs on the link the head opened to it, so it is shaped here,
-    # on the sending side; the head shapes only its own hop to V1. Each hop is shaped by exactly one side.
+    backend = make_backend(peers, args.index) if make_backend is not None else Backend()
+    node = build_stage(dep, peers, args.index, secret, timeouts, backend=backend)
     server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
-                         timeouts=timeouts, on_link=node.on_link, shape=shape if last else None,
-                         charge_bytes=charge if last else None)
+                         timeouts=timeouts, on_link=node.on_link, network=backend.network)
     log.info("node.ready", address=me.address, layers=dep.counts[args.index - 1], model=args.model)
     print(f"flowspec-node stage {args.index} ready on {me.address}", flush=True)
     stop = asyncio.Event()
@@ -101,8 +88,8 @@ async def _serve(args: argparse.Namespace) -> None:
         await node.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = node_parser().parse_args(argv)
+def run_stage(args: argparse.Namespace, make_backend: BackendFactory | None = None) -> int:
+    """The process around `serve_stage`: logging, torch threads, uvloop, exit codes."""
     configure_logging()
     if args.threads:
         import torch
@@ -110,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     install_uvloop()
     try:
-        asyncio.run(_serve(args))
+        asyncio.run(serve_stage(args, make_backend))
     except FlowSpecError as exc:
         print(f"flowspec-node: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(node_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

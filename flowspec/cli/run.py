@@ -9,40 +9,13 @@ import sys
 from typing import Any
 
 from flowspec.api import Cluster, Request
+from flowspec.cli.options import add_budget_args, budget_overrides, result_row
 from flowspec.errors import ConfigError
 from flowspec.net import Timeouts
 from flowspec.node.head import GenerationResult
 from flowspec.prompts import Prompt, read_prompt_file
 
-__all__ = ["add_budget_args", "add_run_command", "budget_overrides", "result_row"]
-
-_BUDGET_FLAGS = {  # flag -> Budget field
-    "tree_tokens": "init_tokens", "topk": "topk", "depth": "depth", "expand_tokens": "expand_tokens",
-    "expand_depth": "expand_depth", "segment": "segment", "width": "width", "in_flight": "in_flight",
-    "eager_root": "eager_root", "expand_from_leaf": "expand_from_leaf",
-}
-
-
-def add_budget_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("tree budgets (defaults suit CPU stages; see BENCHMARKS.md)")
-    g.add_argument("--tree-tokens", type=int, help="draft nodes in a round's first tree (chunk, flowspec)")
-    g.add_argument("--topk", type=int, help="children per node per level, and the beam width")
-    g.add_argument("--depth", type=int, help="beam levels after the first top-k level")
-    g.add_argument("--expand-tokens", type=int, help="draft nodes per dynamic expansion (flowspec)")
-    g.add_argument("--expand-depth", type=int, help="beam levels per expansion (flowspec)")
-    g.add_argument("--segment", type=int, help="max tree nodes per pipeline segment (flowspec)")
-    g.add_argument("--width", type=int, help="nodes per tree layer (pipedec)")
-    g.add_argument("--in-flight", type=int, help="segments in the pipeline at once (default stages + 1)")
-    g.add_argument("--eager-root", action="store_const", const=True, default=None,
-                   help="flowspec: send a round's root before its tree is drafted (for fast drafters)")
-    g.add_argument("--expand-from-leaf", action="store_const", const=True, default=None,
-                   help="flowspec: expand below the best-scored leaf of the surviving tree, not the new root")
-
-
-def budget_overrides(args: argparse.Namespace) -> dict[str, int]:
-    return {field: getattr(args, flag) for flag, field in _BUDGET_FLAGS.items()
-            if getattr(args, flag, None) is not None}
-
+__all__ = ["add_run_command"]
 
 def add_run_command(sub: Any) -> None:
     p = sub.add_parser("run", help="generate text through a pipeline of stages",
@@ -73,7 +46,6 @@ examples:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed; a run is reproducible from it")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, no streaming")
-    p.add_argument("--link", help="emulate the head's link, e.g. 150mbit,1ms")
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
     p.add_argument("--secret-file", help="shared secret for --peers (else $FLOWSPEC_SECRET)")
     p.add_argument("--heartbeat-timeout", type=float,
@@ -84,28 +56,6 @@ examples:
                         "before the request fails; 0 = fail at once (default 30)")
     add_budget_args(p)
     p.set_defaults(handler=run_command)
-
-
-def result_row(prompt: Prompt, result: GenerationResult, cluster: Cluster, mode: str) -> dict[str, Any]:
-    stats = result.stats
-    n = len(result.tokens)
-    return {
-        "id": prompt.id,
-        "mode": mode,
-        "tokens": result.tokens,
-        "text": cluster.decode(result.tokens),
-        "finish_reason": result.finish_reason,
-        "tokens_per_s": round(result.tokens_per_s, 3),
-        "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
-        "ttft_s": round(result.ttft_s, 4),
-        "steps": stats.steps,
-        "verifications": stats.verifications,
-        "mean_accepted": round(stats.mean_accepted, 3),
-        "tokens_per_step": round(stats.committed / stats.steps, 3) if stats.steps else 0.0,
-        "draft_tokens_per_token": round(stats.rows_sent / max(stats.committed, 1), 3),
-        "utilization": [round(u, 3) for u in result.utilization(cluster.head.num_stages)],
-        "bytes_per_token": round(result.bytes_sent / max(n, 1), 1),
-    }
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -121,13 +71,13 @@ async def _run(args: argparse.Namespace) -> int:
         node_args = ["--heartbeat-timeout", repr(args.heartbeat_timeout)]
     if args.local:
         cluster = await Cluster.start_local(args.model, args.stages, draft=args.draft, layers=layers,
-                                            cache_dir=args.cache_dir, link=args.link, timeouts=timeouts,
+                                            cache_dir=args.cache_dir, timeouts=timeouts,
                                             node_args=node_args, recovery_timeout=args.recovery_timeout)
     else:
         from flowspec.config import load_secret
 
         cluster = await Cluster.connect(args.peers, model=args.model, draft=args.draft, cache_dir=args.cache_dir,
-                                        secret=load_secret(args.secret_file), link=args.link, timeouts=timeouts,
+                                        secret=load_secret(args.secret_file), timeouts=timeouts,
                                         recovery_timeout=args.recovery_timeout)
     request = Request(args.mode, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                       budget_overrides(args))

@@ -9,6 +9,7 @@ from flowspec.errors import ModelError
 from flowspec.model.config import ModelConfig
 from flowspec.model.kv_cache import KVCache
 from flowspec.model.layers import DecoderLayer, RMSNorm, RoPE
+from flowspec.treemask import causal_visible
 
 
 class StageModel(nn.Module):
@@ -52,9 +53,7 @@ class StageModel(nn.Module):
         h = self.embed(x) if self.embed is not None else x.to(self.embed_dtype)
         mask = visible
         if mask is None and n > 1:
-            # new rows are causal among themselves and see the whole cache
-            mask = torch.ones(n, start + n, dtype=torch.bool)
-            mask[:, start:] = torch.ones(n, n, dtype=torch.bool).tril_()
+            mask = causal_visible(start, n)  # new rows are causal among themselves and see the whole cache
         rope = self.rope(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache.k[i], cache.v[i], start, mask)
@@ -63,7 +62,9 @@ class StageModel(nn.Module):
 
     @property
     def embed_dtype(self) -> torch.dtype:
-        return self.layers[0].attn_norm.weight.dtype
+        layer = self.layers[0]
+        assert isinstance(layer, DecoderLayer)
+        return layer.attn_norm.weight.dtype
 
     def _check_inputs(
         self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, visible: torch.Tensor | None

@@ -1,7 +1,7 @@
 """The async shell around the pure codec, framing, messages and handshake.
 
-A ``Link`` owns one TCP connection and one ``TaskGroup`` (reader, heartbeat, and the shaped writer when the link
-is shaped). The reader feeds ``FrameDecoder``, validates with ``parse_message``, answers pings and queues the rest
+A ``Link`` owns one TCP connection and one ``TaskGroup`` (reader, heartbeat, and the writer of frames its
+``Transport`` delays). The reader feeds ``FrameDecoder``, validates with ``parse_message``, answers pings and queues the rest
 for ``recv()``. The first failure is recorded, stops the group, closes the socket, and is raised by every later
 ``send``/``recv`` (sticky). Foreign exceptions become flowspec errors in ``_io_errors`` and nowhere else.
 """
@@ -25,16 +25,15 @@ from flowspec.net.framing import HEADER, FrameDecoder, check_length, decode_body
 from flowspec.net.handshake import Handshake, HandshakeState
 from flowspec.net.limits import HANDSHAKE_LIMITS, Limits
 from flowspec.net.messages import Auth, Hello, Message, Ping, Pong, Ready, Refuse, parse_message
-from flowspec.net.shaping import LinkShape, Shaper
+from flowspec.net.transport import DIRECT, Network, Transport
 
-__all__ = ["ChargeBytes", "Link", "Timeouts", "connect", "install_uvloop", "serve"]
+__all__ = ["Link", "Timeouts", "connect", "install_uvloop", "serve"]
 
 log = structlog.get_logger("flowspec.net")
 
-ChargeBytes = Callable[[Message, int], int]
 _READ_CHUNK = 1 << 18  # one read() per 256 KiB: a 16-row fp16 segment at H=4096 in one or two reads
 _INBOX_MAX = 64  # messages parked for recv() before the reader stops reading (TCP backpressure to the peer)
-_OUTBOX_MAX = 64  # shaped frames waiting for their emulated delivery time before send() waits
+_OUTBOX_MAX = 64  # delayed frames waiting for their delivery time before send() waits
 _CLOSE_GRACE = 1.0  # seconds to flush a last frame (a refuse) before the socket is dropped
 _MAX_PENDING = 64  # concurrent unauthenticated connections per server; more are dropped on accept
 
@@ -81,19 +80,16 @@ class Link:
     """One authenticated connection. Create with ``connect`` or receive from ``serve``."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, peer: Hello,
-                 limits: Limits, timeouts: Timeouts, shape: LinkShape | None = None,
-                 charge_bytes: ChargeBytes | None = None, name: str = "") -> None:
+                 limits: Limits, timeouts: Timeouts, transport: Transport | None = None, name: str = "") -> None:
         self.peer = peer
         self.name = name or _peer_name(writer)
         self.bytes_sent = 0
-        self.bytes_charged = 0
         self.frames_sent = 0
         self.bytes_received = 0
         self._reader, self._writer = reader, writer
         self._limits, self._timeouts = limits, timeouts
         self._decoder = FrameDecoder(limits)
-        self._charge = charge_bytes
-        self._shaper = Shaper(shape) if shape is not None else None
+        self._transport = transport or Transport()
         self._outbox: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(_OUTBOX_MAX)
         self._inbox: deque[Message] = deque()
         self._arrived = asyncio.Event()
@@ -113,17 +109,15 @@ class Link:
             self._task = asyncio.create_task(self._run(), name=f"link {self.name}")
 
     async def send(self, msg: Message) -> None:
-        """Queue ``msg`` for the peer (after its emulated delay on a shaped link). Raises the link's error."""
+        """Write ``msg`` to the peer (or queue it, when the transport delays it). Raises the link's error."""
         self._raise_if_down()
         frame = encode_frame(msg.to_wire())
-        charged = self._charge(msg, len(frame)) if self._charge is not None else len(frame)
         self.bytes_sent += len(frame)
-        self.bytes_charged += charged
         self.frames_sent += 1
-        if self._shaper is None:
+        deliver_at = self._transport.deliver_at(msg, len(frame), asyncio.get_running_loop().time())
+        if deliver_at is None:
             await self._write(frame)
             return
-        deliver_at = self._shaper.deliver_at(asyncio.get_running_loop().time(), charged)
         await self._outbox.put((deliver_at, frame))
 
     async def recv(self, timeout_s: float | None = None) -> Message:
@@ -169,9 +163,7 @@ class Link:
         self._space.set()
 
     async def _run(self) -> None:
-        jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [self._read_loop, self._heartbeat]
-        if self._shaper is not None:
-            jobs.append(self._write_loop)
+        jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [self._read_loop, self._heartbeat, self._write_loop]
         try:
             async with TaskGroup() as tg:
                 tasks = [tg.create_task(self._guard(job)) for job in jobs]
@@ -301,11 +293,11 @@ async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def connect(host: str, port: int, *, hello: Hello, expect_index: int, secret: bytes | None,
-                  limits: Limits, timeouts: Timeouts, shape: LinkShape | None = None,
-                  charge_bytes: ChargeBytes | None = None) -> Link:
+                  limits: Limits, timeouts: Timeouts, network: Network = DIRECT) -> Link:
     """Connect to the stage expected at ``expect_index``, handshake, and return a started ``Link``.
 
-    ``hello`` is a template: its nonce is replaced by a fresh random one for this connection.
+    ``hello`` is a template: its nonce is replaced by a fresh random one for this connection. ``network`` makes
+    the link's transport (the default writes frames at once).
     """
     name = f"{host}:{port}"
     with _io_errors(f"cannot reach stage {expect_index} at {name}"):
@@ -319,15 +311,14 @@ async def connect(host: str, port: int, *, hello: Hello, expect_index: int, secr
     except BaseException:
         writer.close()  # flushes a refuse we may have queued, without awaiting under cancellation
         raise
-    link = Link(reader, writer, peer=peer, limits=limits, timeouts=timeouts, shape=shape,
-                charge_bytes=charge_bytes, name=name)
+    link = Link(reader, writer, peer=peer, limits=limits, timeouts=timeouts,
+                transport=network.transport(hello, peer), name=name)
     link.start()
     return link
 
 
 async def serve(host: str, port: int, *, hello: Hello, secret: bytes | None, limits: Limits,
-                timeouts: Timeouts, on_link: Callable[[Link], Awaitable[None]],
-                shape: LinkShape | None = None, charge_bytes: ChargeBytes | None = None,
+                timeouts: Timeouts, on_link: Callable[[Link], Awaitable[None]], network: Network = DIRECT,
                 max_pending: int = _MAX_PENDING) -> asyncio.Server:
     """Listen; handshake each connection, then run ``on_link(link)`` and close the link when it returns.
 
@@ -354,8 +345,8 @@ async def serve(host: str, port: int, *, hello: Hello, secret: bytes | None, lim
             return
         finally:
             pending -= 1
-        link = Link(reader, writer, peer=peer, limits=limits, timeouts=timeouts, shape=shape,
-                    charge_bytes=charge_bytes, name=name)
+        link = Link(reader, writer, peer=peer, limits=limits, timeouts=timeouts,
+                    transport=network.transport(hello, peer), name=name)
         link.start()
         try:
             await on_link(link)

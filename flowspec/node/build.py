@@ -9,11 +9,13 @@ from typing import Any
 
 from flowspec.config import Peers
 from flowspec.errors import ConfigError
-from flowspec.model import ModelConfig, ensure_shards, load_head, load_stage, read_manifest
-from flowspec.net import PROTOCOL_VERSION, Hello, Limits, LinkShape, Timeouts
+from flowspec.model import ModelConfig
+from flowspec.net import PROTOCOL_VERSION, Hello, Limits, Timeouts
+from flowspec.node.backend import Backend
 from flowspec.node.head import HeadNode
-from flowspec.node.pacer import Pacer
+from flowspec.node.links import StageLinks
 from flowspec.node.stage import StageNode
+from flowspec.store import ensure_shards, load_head, load_stage, read_manifest
 
 __all__ = ["Deployment", "build_head", "build_stage", "deployment"]
 
@@ -51,22 +53,21 @@ def deployment(model: str, num_stages: int, layers: list[int] | None = None,
 
 
 def build_stage(dep: Deployment, peers: Peers, index: int, secret: bytes | None, timeouts: Timeouts,
-                shape: LinkShape | None = None, pacer: Pacer | None = None) -> StageNode:
+                backend: Backend | None = None) -> StageNode:
     shard = dep.shards / f"stage-{index}"
     model = load_stage(shard, expect_fingerprint=read_manifest(shard)["fingerprint"], expect_stage=index)
     nxt = peers.stage(index + 1) if index < peers.num_stages else None
     next_addresses = [(nxt.host, nxt.port), *nxt.standbys] if nxt else []
     return StageNode(index, peers.num_stages, model, dep.hello("stage", index), dep.limits(), timeouts, secret,
-                     next_addresses, shape=shape, pacer=pacer)
+                     next_addresses, backend=backend)
 
 
-def build_head(dep: Deployment, peers: Peers, secret: bytes | None, timeouts: Timeouts, drafter: Any = None,
-               shape: LinkShape | None = None, step_timeout: float = 30.0,
-               head_pacer: Pacer | None = None, charge_bytes: Any = None,
-               recovery_timeout: float = 30.0) -> HeadNode:
-    lm_head = load_head(dep.shards / "stage-0")
+def build_head(dep: Deployment, peers: Peers, secret: bytes | None, timeouts: Timeouts, *, drafter: Any = None,
+               step_timeout: float = 30.0, recovery_timeout: float = 30.0,
+               backend: Backend | None = None) -> HeadNode:
+    backend = backend or Backend()
     standbys = {k: p.standbys for k, p in enumerate(peers.stages, start=1) if p.standbys}
-    return HeadNode(lm_head, [(p.host, p.port) for p in peers.stages], dep.hello("head", 0), dep.limits(),
-                    timeouts, secret, drafter=drafter, shape=shape, step_timeout=step_timeout,
-                    head_pacer=head_pacer, charge_bytes=charge_bytes, recovery_timeout=recovery_timeout,
-                    standbys=standbys)
+    links = StageLinks([(p.host, p.port) for p in peers.stages], dep.hello("head", 0), dep.limits(), timeouts,
+                       secret, standbys=standbys, recovery_timeout=recovery_timeout, network=backend.network)
+    return HeadNode(load_head(dep.shards / "stage-0"), links, drafter=drafter, step_timeout=step_timeout,
+                    backend=backend)

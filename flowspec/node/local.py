@@ -33,11 +33,13 @@ class LocalCluster:
 
     def __init__(self, model: str, num_stages: int, layers: list[int] | None = None,
                  cache_dir: str | None = None, secret: bytes | None = None, extra_args: list[str] | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, module: str = "flowspec.cli.node") -> None:
+        """`module` is the stage program (`python -m MODULE`) taking flowspec-node's options, then `extra_args`;
+        the emulated testbed passes its own (flowspec.bench.node)."""
         if num_stages < 1:
             raise ConfigError(f"--stages must be >= 1, got {num_stages}")
         self.model, self.num_stages, self.cache_dir = model, num_stages, cache_dir
-        self.secret, self.extra_args, self.threads = secret, extra_args or [], threads
+        self.secret, self.extra_args, self.threads, self.module = secret, extra_args or [], threads, module
         self._dir = tempfile.TemporaryDirectory(prefix="flowspec-local-")
         ports = free_ports(num_stages + 1)
         lines = [f"127.0.0.1:{ports[0]}  # head (this process)"]
@@ -51,7 +53,7 @@ class LocalCluster:
         self.logs: dict[int, Path] = {}
 
     def command(self, index: int) -> list[str]:
-        cmd = [sys.executable, "-m", "flowspec.node.cli", "--peers", str(self.peers_path), "--index", str(index),
+        cmd = [sys.executable, "-m", self.module, "--peers", str(self.peers_path), "--index", str(index),
                "--model", self.model, "--threads", str(self.threads), *self.extra_args]
         if self.cache_dir:
             cmd += ["--cache-dir", self.cache_dir]

@@ -8,23 +8,32 @@ applied strictly in order between forwards; a segment waits only for the verdict
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 import torch
 
+from flowspec.compat import TaskGroup, timeout
 from flowspec.errors import FlowSpecError, PeerProtocolError
 from flowspec.model import KVCache, StageModel
 from flowspec.net import (
-    Close, Error, Hello, Limits, Link, LinkShape, Message, Open, Prefill, Segment, Stats, Timeouts, Verdict,
+    Close,
+    Error,
+    Hello,
+    Limits,
+    Link,
+    Message,
+    Open,
+    Prefill,
+    Segment,
+    Stats,
+    Timeouts,
+    Verdict,
     connect,
 )
-from flowspec.node.compute import Compute
-from flowspec.node.pacer import Pacer
+from flowspec.node.backend import Backend, Work, WorkKind
 from flowspec.sched.stage import StageTree
 
 __all__ = ["StageNode"]
@@ -49,20 +58,22 @@ class _Request:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     busy: list[tuple[float, float, int]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
-    marks: tuple[int, int, int, int] = (0, 0, 0, 0)  # pacer overruns/steps and bytes out when opened
+
+
+class _RingBroken(Exception):
+    """Internal: this stage could not pass a result on (the next stage or the head is unreachable)."""
 
 
 class StageNode:
+    """One stage. Each head link's `on_link` owns, in its TaskGroup, the workers of the requests it opened."""
+
     def __init__(self, index: int, num_stages: int, model: StageModel, hello: Hello, limits: Limits,
                  timeouts: Timeouts, secret: bytes | None, next_addresses: list[tuple[str, int]],
-                 shape: LinkShape | None = None, pacer: Pacer | None = None) -> None:
+                 backend: Backend | None = None) -> None:
         self.index, self.num_stages, self.model = index, num_stages, model
         self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
-        self.next_addresses, self.shape = next_addresses, shape  # the next stage, then its standbys
-        self.pacer = pacer or Pacer()
-        self.charge_bytes: Any = None  # emulated testbed: charge the profiled model's bytes on the ring hop
-        self.stats_file: str | None = None  # emulated testbed: one JSON line per closed request
-        self.compute = Compute()
+        self.next_addresses = next_addresses  # the next stage, then its standbys
+        self.backend = backend or Backend()
         self.requests: dict[int, _Request] = {}
         self.orphans: dict[int, list[tuple[Verdict | Prefill | Segment, Link]]] = {}  # req -> (msg, from)
         self._orphan_born: dict[int, float] = {}  # req -> when its first message was parked
@@ -70,6 +81,9 @@ class StageNode:
         self.finished: OrderedDict[int, None] = OrderedDict()  # recently freed request ids, oldest first
         self._next: Link | None = None
         self._next_lock = asyncio.Lock()
+        self._groups: dict[Link, TaskGroup] = {}  # head link -> the group owning its requests' tasks
+        self._served = asyncio.Event()  # set while no link is being served (aclose waits for it)
+        self._served.set()
         self.log = log.bind(stage=index)
 
     @property
@@ -85,18 +99,35 @@ class StageNode:
             raise PeerProtocolError(f"stage {link.peer.index} connected, but stage {self.index}'s ring input "
                                     f"is stage {expected_prev}", code="topology")
         self.log.info("link.up", peer=link.name, role=role, index=link.peer.index)
+        error: FlowSpecError | None = None
+        self._served.clear()
         try:
-            while True:
-                msg = await link.recv()
-                self._check_sender(msg, link)
-                self._dispatch(msg, link)
+            async with TaskGroup() as tasks:
+                self._groups[link] = tasks
+                try:
+                    while True:
+                        msg = await link.recv()
+                        self._check_sender(msg, link)
+                        self._dispatch(msg, link)
+                except FlowSpecError as exc:
+                    error = exc  # raised after the group: its tasks are cancelled and awaited first
+                finally:
+                    self._release(link)
         finally:
-            if role == "head":
-                for r in [r for r in self.requests.values() if r.head is link]:
-                    self.log.warning("request.orphaned", req=r.req, reason="head link closed")
-                    self._free(r.req)
-            for req in list(self.orphans):  # what a closed link parked will never be claimed by it
-                self._take_orphans(req, link)
+            del self._groups[link]
+            if not self._groups:
+                self._served.set()
+        if error is not None:
+            raise error
+
+    def _release(self, link: Link) -> None:
+        """`link` is closing: free the requests it opened and drop what it parked."""
+        if link.peer.role == "head":
+            for r in [r for r in self.requests.values() if r.head is link]:
+                self.log.warning("request.orphaned", req=r.req, reason="head link closed")
+                self._free(r.req)
+        for req in list(self.orphans):  # what a closed link parked will never be claimed by it
+            self._take_orphans(req, link)
 
     def _check_sender(self, msg: Message, link: Link) -> None:
         """Requests are opened, judged and closed by the head only; ring rows come from the ring input only."""
@@ -166,45 +197,31 @@ class StageNode:
         if capacity > self.limits.max_positions + 4096:
             raise PeerProtocolError(f"capacity {capacity} is past this model's limits", code="limits")
         r = _Request(req, self.model.new_cache(capacity), head)
-        r.marks = self._marks(r)
         self.requests[req] = r
         for msg, link in self._take_orphans(req):
             self._dispatch(msg, link)
-        r.task = asyncio.create_task(self._work(r), name=f"stage{self.index} req{req}")
+        r.task = self._groups[head].create_task(self._work(r), name=f"stage{self.index} req{req}")
         self.log.info("request.open", req=req, capacity=capacity)
 
     def _close(self, req: int) -> None:
         r = self.requests.get(req)
         self._take_orphans(req)
+        self._free(req)  # before it opened here, too: drop what is still on its way
         if r is None:
-            self._free(req)  # closed before it opened here: drop what is still on its way
             return
         stats = Stats(req, tuple(r.busy[-self.limits.max_list_len:]))
-        self._free(req)
-        asyncio.create_task(self._send_quietly(r.head, stats))
-        now = self._marks(r)
-        report = {"stage": self.index, "req": req, "overruns": now[0] - r.marks[0],
-                  "paced_steps": now[1] - r.marks[1],
-                  "bytes_sent": now[2] - r.marks[2], "bytes_charged": now[3] - r.marks[3],
-                  "worst_ratio": round(self.pacer.worst_ratio, 3)}
-        self.log.info("request.closed", **report)
-        if self.stats_file:
-            with open(self.stats_file, "a") as out:
-                out.write(json.dumps(report) + "\n")
-
-    def _marks(self, r: _Request) -> tuple[int, int, int, int]:
-        """Cumulative (overruns, paced steps, bytes sent, bytes charged) of this stage's outgoing ring hop."""
-        out = r.head if self.is_last else self._next
-        sent, charged = (out.bytes_sent, out.bytes_charged) if out is not None else (0, 0)
-        return self.pacer.overruns, self.pacer.steps, sent, charged
+        self._groups[r.head].create_task(self._send_quietly(r.head, stats), name=f"stage{self.index} stats")
+        self.log.info("request.closed", req=req, steps=len(r.busy))
 
     def _free(self, req: int) -> None:
         self.finished[req] = None
         if len(self.finished) > _MAX_FINISHED:
             self.finished.popitem(last=False)
         r = self.requests.pop(req, None)
-        if r is not None and r.task is not None:
-            r.task.cancel()
+        if r is not None and r.task is not None and r.task is not asyncio.current_task():
+            r.task.cancel()  # its group (the head link's on_link) awaits it
+        if r is not None:
+            self.backend.request_closed(req)
 
     async def _send_quietly(self, link: Link, msg: Message) -> None:
         try:
@@ -214,6 +231,8 @@ class StageNode:
 
     # -- the per-request worker --------------------------------------------------------------------------
     async def _work(self, r: _Request) -> None:
+        """Apply verdicts and compute, in order, until cancelled. Any failure is reported to the head at once
+        as an Error frame naming this stage (a torch RuntimeError too), and frees the request here."""
         try:
             while True:
                 await r.wake.wait()
@@ -222,10 +241,18 @@ class StageNode:
                     pass
         except asyncio.CancelledError:
             raise
+        except _RingBroken as exc:  # the head sees a lost stage and recovers the pipeline
+            await self._fail(r, "ring", f"stage {self.index} cannot pass results on: {exc}")
         except FlowSpecError as exc:
-            self.log.warning("request.failed", req=r.req, reason=str(exc))
-            await self._send_quietly(r.head, Error(r.req, getattr(exc, "code", "stage"), str(exc)[:1000]))
-            self._free(r.req)
+            await self._fail(r, getattr(exc, "code", "stage"), f"stage {self.index}: {exc}")
+        except Exception as exc:  # out of memory, a shape bug: fail this request, keep serving the others
+            self.log.exception("request.compute_failed", req=r.req)
+            await self._fail(r, "compute", f"stage {self.index} failed computing: {type(exc).__name__}: {exc}")
+
+    async def _fail(self, r: _Request, code: str, reason: str) -> None:
+        self.log.warning("request.failed", req=r.req, code=code, reason=reason)
+        self._free(r.req)
+        await self._send_quietly(r.head, Error(r.req, code, reason[:1000]))
 
     def _apply_verdicts(self, r: _Request) -> bool:
         applied = False
@@ -274,17 +301,19 @@ class StageNode:
             raise PeerProtocolError("stage 1 takes token ids (int64)", code="dtype")
         if self.index > 1 and not x.is_floating_point():
             raise PeerProtocolError(f"stage {self.index} takes hidden states, got {x.dtype}", code="dtype")
-        n = x.shape[0]
-        hidden, start, end = await self.compute.timed(self.model.forward, x, positions, r.cache, visible)
-        end = await self.pacer.pace(n, start, end, ctx=r.cache.length - n)
+        work = Work(WorkKind.STAGE_FORWARD, rows=x.shape[0], context=r.cache.length)
+        hidden, start, end = await self.backend.run(work, self.model.forward, x, positions, r.cache, visible)
         r.busy.append((start, end, step))
         return hidden
 
     async def _send_on(self, r: _Request, msg: Prefill | Segment) -> None:
-        if self.is_last:
-            await r.head.send(msg)
-            return
-        await (await self._downstream()).send(msg)
+        try:
+            if self.is_last:
+                await r.head.send(msg)
+                return
+            await (await self._downstream()).send(msg)
+        except FlowSpecError as exc:
+            raise _RingBroken(str(exc)) from exc
 
     async def _downstream(self) -> Link:
         async with self._next_lock:
@@ -299,7 +328,7 @@ class StageNode:
             try:
                 link = await connect(host, port, hello=self.hello, expect_index=self.index + 1,
                                      secret=self.secret, limits=self.limits, timeouts=self.timeouts,
-                                     shape=self.shape, charge_bytes=self.charge_bytes)
+                                     network=self.backend.network)
             except FlowSpecError as exc:
                 error = exc
                 continue
@@ -309,11 +338,19 @@ class StageNode:
         raise error
 
     async def aclose(self) -> None:
+        """Free every request, close every link and wait for their tasks, then stop the compute thread."""
         for req in list(self.requests):
             self._free(req)
+        for link in list(self._groups):
+            await link.close()
+        try:
+            async with timeout(5.0):
+                await self._served.wait()
+        except TimeoutError:
+            self.log.warning("node.close_timeout", links=len(self._groups))
         if self._next is not None:
             await self._next.close()
-        self.compute.close()
+        await self.backend.aclose()
 
 
 def _tensor_bytes(msg: Message) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from flowspec.errors import PeerProtocolError
+from flowspec.treemask import TreeMask
 
 __all__ = ["Admission", "Compaction", "StageTree"]
 
@@ -39,7 +40,7 @@ class StageTree:
         self.context_len = context_len  # slots [0, context_len) hold committed tokens
         self.slots: list[int] = []  # node id held in tree slot context_len + i
         self.parent: dict[int, int] = {}  # held node id -> parent id (-1: the context)
-        self.ancestors = torch.zeros(0, 0, dtype=torch.bool)  # [T, T]: row's node sees column's slot
+        self.mask = TreeMask()  # ancestor-or-self over tree slots, in slot order
         self.applied = 0  # seq of the last verdict applied
         self.root = -1
         self.watermark = -1
@@ -75,8 +76,7 @@ class StageTree:
                 kept.append(node_id)
         keep_slots = tuple(self.context_len + index[n] for n in (*commit, *kept))
         start = self.context_len
-        keep_rows = [index[n] for n in kept]
-        self.ancestors = self.ancestors[keep_rows][:, keep_rows]
+        self.mask.keep([index[n] for n in kept])
         for node_id in commit:
             del self.parent[node_id]
         for node_id in self.slots:
@@ -92,36 +92,19 @@ class StageTree:
         """Filter a segment's rows, register the survivors as new tree slots and build their mask."""
         held = {node_id: i for i, node_id in enumerate(self.slots)}
         rows: list[int] = []
-        new_rows: list[torch.Tensor] = []
-        old_t = len(self.slots)
+        slot_parents: list[int] = []  # per admitted row: its parent's tree slot, -1 for the round's root
         for row, (node_id, parent) in enumerate(zip(ids, parents)):
             if node_id in held:
                 raise PeerProtocolError(f"node {node_id} arrived twice", code="order")
             if node_id != self.root and parent not in held:
                 continue  # its branch died (or it was the root of a round that is already over)
-            vis = torch.zeros(old_t + len(rows) + 1, dtype=torch.bool)
-            if node_id != self.root:
-                p = held[parent]
-                vis[: p + 1] = self._row(p, new_rows, old_t)
-            vis[-1] = True
-            held[node_id] = old_t + len(rows)
-            self.parent[node_id] = parent if node_id != self.root else -1
+            slot_parents.append(-1 if node_id == self.root else held[parent])
+            held[node_id] = len(held)
             rows.append(row)
-            new_rows.append(vis)
         if not rows:
             return Admission((), None)
-        t = old_t + len(rows)
-        grown = torch.zeros(t, t, dtype=torch.bool)
-        grown[:old_t, :old_t] = self.ancestors
-        for i, vis in enumerate(new_rows):
-            grown[old_t + i, : vis.numel()] = vis
-        self.ancestors = grown
+        for row in rows:
+            self.parent[ids[row]] = -1 if ids[row] == self.root else parents[row]
         self.slots.extend(ids[r] for r in rows)
-        visible = torch.ones(len(rows), self.context_len + t, dtype=torch.bool)
-        visible[:, self.context_len :] = grown[old_t:]
-        return Admission(tuple(rows), visible)
-
-    def _row(self, slot: int, new_rows: list[torch.Tensor], old_t: int) -> torch.Tensor:
-        if slot < old_t:
-            return self.ancestors[slot, : slot + 1]
-        return new_rows[slot - old_t]
+        self.mask.extend(slot_parents)
+        return Admission(tuple(rows), self.mask.visible(self.context_len, len(rows)))

@@ -7,7 +7,7 @@ import sys
 import time
 
 from flowspec.errors import FlowSpecError
-from flowspec.model.registry import REGISTRY, cache_dir, list_models
+from flowspec.store.registry import REGISTRY, cache_dir, list_models
 
 CACHE_HELP = "cache folder (default: $FLOWSPEC_CACHE, else $XDG_CACHE_HOME/flowspec, else ~/.cache/flowspec)"
 
@@ -26,7 +26,7 @@ def _guarded(fn):  # type: ignore[no-untyped-def]
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from flowspec.model.pull import pull
+    from flowspec.store.pull import pull
 
     t0 = time.perf_counter()
     folder = pull(args.name, args.cache_dir, force=args.force)
@@ -37,7 +37,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     print(f"cache: {cache_dir(args.cache_dir)}")
     for m in list_models(args.cache_dir):
-        state = f"{int(m['bytes']) / 1e6:8.0f} MB  {m['path']}" if m["installed"] else "   not pulled"
+        state = f"{int(str(m['bytes'])) / 1e6:8.0f} MB  {m['path']}" if m["installed"] else "   not pulled"
         print(f"  {m['name']:<20} {state}")
     return 0
 
@@ -52,7 +52,7 @@ def _parse_layers(text: str | None) -> list[int] | None:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from flowspec.model.shard import split_model
+    from flowspec.store.shard import split_model
 
     t0 = time.perf_counter()
     out = split_model(args.model, args.layers, args.stages, args.out, args.cache_dir)

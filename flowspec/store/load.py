@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from flowspec.errors import ModelError
 from flowspec.model.config import ModelConfig
-from flowspec.model.registry import resolve
-from flowspec.model.shard import read_manifest, verify_weights
 from flowspec.model.stage import LMHead, StageModel
-from flowspec.model.weights import head_tensors, open_hf_weights, read_hf_config, stage_tensors
+from flowspec.store.registry import resolve
+from flowspec.store.shard import read_manifest, verify_weights
+from flowspec.store.weights import head_tensors, open_hf_weights, read_hf_config, stage_tensors
 
 PathLike = str | os.PathLike[str]
 
@@ -88,6 +88,7 @@ def load_full(
     with open_hf_weights(folder) as get:
         _fill(model, stage_tensors(get, cfg, 0, n, True, True), folder)
         if cfg.tie_word_embeddings:
+            assert model.embed is not None  # a whole model has its embedding
             head.lm_head.weight = model.embed.weight  # tied: share, do not hold the table twice
         else:
             _fill(head, head_tensors(get, cfg), folder)

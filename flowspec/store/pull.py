@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flowspec.errors import ModelError, ModelMismatch, ModelNotInstalled
-from flowspec.model.registry import RECEIPT, ModelSpec, cache_dir, compute_fingerprint, get_spec, model_dir
+from flowspec.store.registry import RECEIPT, ModelSpec, cache_dir, compute_fingerprint, get_spec, model_dir
 
 Installer = Callable[[list[str]], None]
 
@@ -90,7 +90,7 @@ def convert(gguf: Path, out: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # a GGUF-loaded model refuses save_pretrained while it still believes it is quantized
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
@@ -155,7 +155,7 @@ def _build(spec: ModelSpec, tmp: Path, install: Installer | None) -> None:
 
 
 def _check_single(path: Path, spec: ModelSpec) -> None:
-    from flowspec.model.registry import sha256_file
+    from flowspec.store.registry import sha256_file
 
     size = path.stat().st_size
     if size != spec.size:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from flowspec.errors import ModelError, ModelNotInstalled
-from flowspec.model.weights import read_hf_config, weight_files
+from flowspec.store.weights import read_hf_config, weight_files
 
 RECEIPT = "flowspec-model.json"
 

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from flowspec.errors import ConfigError, ModelError, ModelMismatch
 from flowspec.model.config import ModelConfig
-from flowspec.model.registry import cache_dir, model_fingerprint, model_name, resolve, sha256_file
-from flowspec.model.weights import head_tensors, open_hf_weights, read_hf_config, stage_tensors
+from flowspec.store.registry import cache_dir, model_fingerprint, model_name, resolve, sha256_file
+from flowspec.store.weights import head_tensors, open_hf_weights, read_hf_config, stage_tensors
 
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"

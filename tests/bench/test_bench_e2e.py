@@ -43,9 +43,9 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
 
 def test_calibration_picks_a_dilation_that_covers_the_drafter() -> None:
     from flowspec.bench.calibrate import calibrate
-    from flowspec.model import make_drafter
-    from flowspec.model.profiles import load_profile
+    from flowspec.bench.profiles import load_profile
     from flowspec.node.build import deployment
+    from flowspec.store import make_drafter
 
     dep = deployment("smollm2-135m", 2)
     cal = calibrate(load_profile("jetson-7b"), dep, make_drafter("self:layers=20", "smollm2-135m"),

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowspec.bench.profiles import Profile, builtin_profiles, load_profile, read_profiles
 from flowspec.errors import ConfigError
-from flowspec.model.profiles import Profile, builtin_profiles, load_profile, make_charge_bytes, read_profiles
 from flowspec.net import Prefill, Segment, Verdict
 
 
@@ -73,8 +73,8 @@ def test_unknown_name() -> None:
         load_profile("jetson-9000")
 
 
-def test_charge_bytes_counts_profiled_hidden_rows() -> None:
-    charge = make_charge_bytes(load_profile("jetson-7b"))
+def test_wire_bytes_count_profiled_hidden_rows() -> None:
+    charge = load_profile("jetson-7b").wire_bytes
     ar = torch.arange(5)
     hidden = Segment(1, 1, 0, ar, ar - 1, ar, torch.zeros(5, 576))
     assert charge(hidden, 12345) == 5 * (4096 * 2 + 24) + 64

@@ -1,4 +1,5 @@
-"""Link shaping: parsing, the NIC clock model, and delays on a live link (lower bounds, loose upper bounds)."""
+"""Link shaping: parsing, the NIC clock model, and delays through a Link's transport seam on a live link (lower
+bounds, loose upper bounds)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import asyncio
 import pytest
 import torch
 
+from flowspec.bench.shaping import PRESETS, LinkShape, Shaper
 from flowspec.errors import ConfigError
-from flowspec.net import PRESETS, Hello, Limits, Link, LinkShape, Message, Segment, Shaper, Timeouts, connect, serve
+from flowspec.net import Hello, Limits, Link, Message, Network, Segment, Timeouts, Transport, connect, serve
 
 LIMITS = Limits.for_model(hidden_size=1024, vocab_size=1000, max_positions=4096, max_rows=32)
 TIMEOUTS = Timeouts(heartbeat_interval=10.0, heartbeat_timeout=30.0)  # no pings during the timing window
@@ -46,8 +48,26 @@ def test_shaper_queues_frames_and_pipelines_latency() -> None:
     assert shaper.deliver_at(1.0, 1000) == pytest.approx(1.001 + 0.010)  # idle NIC: no queueing
 
 
-async def arrivals(shape: LinkShape, msgs: list[Message], charge: int = 1) -> tuple[list[float], Link]:
-    """Send ``msgs`` back-to-back on a shaped link; return arrival times relative to the first send."""
+class _Shaped(Network):
+    """Every link shaped to `shape`, each frame charged `charge` × its real size."""
+
+    def __init__(self, shape: LinkShape, charge: int) -> None:
+        self.shape, self.charge, self.charged = shape, charge, 0
+
+    def transport(self, local: Hello, peer: Hello) -> Transport:
+        network, shaper = self, Shaper(self.shape)
+
+        class Shaped(Transport):
+            def deliver_at(self, msg: Message, frame_len: int, now: float) -> float | None:
+                network.charged += frame_len * network.charge
+                return shaper.deliver_at(now, frame_len * network.charge)
+
+        return Shaped()
+
+
+async def arrivals(shape: LinkShape, msgs: list[Message], charge: int = 1) -> tuple[list[float], Link, int]:
+    """Send ``msgs`` back-to-back on a shaped link; return arrival times relative to the first send, the link
+    and the bytes charged."""
     loop = asyncio.get_running_loop()
     got: asyncio.Queue[float] = asyncio.Queue()
 
@@ -59,7 +79,7 @@ async def arrivals(shape: LinkShape, msgs: list[Message], charge: int = 1) -> tu
     server = await serve("127.0.0.1", 0, hello=STAGE, secret=None, limits=LIMITS, timeouts=TIMEOUTS, on_link=sink)
     port = server.sockets[0].getsockname()[1]
     link = await connect("127.0.0.1", port, hello=HEAD, expect_index=1, secret=None, limits=LIMITS,
-                         timeouts=TIMEOUTS, shape=shape, charge_bytes=lambda m, n: n * charge)
+                         timeouts=TIMEOUTS, network=(network := _Shaped(shape, charge)))
     t0 = loop.time()
     for msg in msgs:
         await link.send(msg)
@@ -67,7 +87,7 @@ async def arrivals(shape: LinkShape, msgs: list[Message], charge: int = 1) -> tu
     await link.close()
     server.close()
     await server.wait_closed()
-    return times, link
+    return times, link, network.charged
 
 
 def seg(rows: int) -> Segment:
@@ -78,7 +98,7 @@ def seg(rows: int) -> Segment:
 async def test_single_frame_delay_is_latency_plus_serialization() -> None:
     shape = LinkShape(latency_s=0.030, bandwidth_bps=20e6)
     msg = seg(8)  # ~33 KB: 13 ms at 20 Mbit/s
-    [t], link = await arrivals(shape, [msg])
+    [t], link, _ = await arrivals(shape, [msg])
     expected = shape.latency_s + shape.serialization_s(link.bytes_sent)
     assert t >= expected - 0.002
     assert t < expected + 0.25
@@ -87,7 +107,7 @@ async def test_single_frame_delay_is_latency_plus_serialization() -> None:
 async def test_frames_queue_behind_each_other_but_latency_is_pipelined() -> None:
     shape = LinkShape(latency_s=0.100, bandwidth_bps=40e6)
     msgs = [seg(8) for _ in range(5)]  # ~6.6 ms of serialization each
-    times, link = await arrivals(shape, msgs)
+    times, link, _ = await arrivals(shape, msgs)
     per = shape.serialization_s(link.bytes_sent // 5)
     for i, t in enumerate(times):
         assert t >= shape.latency_s + (i + 1) * per - 0.002
@@ -96,6 +116,6 @@ async def test_frames_queue_behind_each_other_but_latency_is_pipelined() -> None
 
 async def test_charged_bytes_drive_the_delay() -> None:
     shape = LinkShape(latency_s=0.0, bandwidth_bps=20e6)
-    [t], link = await arrivals(shape, [seg(8)], charge=4)
-    assert link.bytes_charged == 4 * link.bytes_sent
-    assert t >= shape.serialization_s(link.bytes_charged) - 0.002
+    [t], link, charged = await arrivals(shape, [seg(8)], charge=4)
+    assert charged == 4 * link.bytes_sent
+    assert t >= shape.serialization_s(charged) - 0.002

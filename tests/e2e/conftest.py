@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from flowspec.api import Cluster
-from flowspec.model import Drafter, make_drafter
-from flowspec.model.pull import pull
-from flowspec.model.registry import RECEIPT, model_dir
+from flowspec.model import Drafter
 from flowspec.node.build import deployment
 from flowspec.node.local import LocalCluster
+from flowspec.store import make_drafter
+from flowspec.store.pull import pull
+from flowspec.store.registry import RECEIPT, model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECBENCH = ROOT / "data" / "specbench"
@@ -144,7 +145,7 @@ class Reference:
     """transformers' own generate(do_sample=False) on the unsplit model, cached per prompt."""
 
     def __init__(self, model: str) -> None:
-        from flowspec.model import load_hf_reference
+        from flowspec.store import load_hf_reference
 
         self.model = load_hf_reference(model)
         self.cache: dict[tuple[tuple[int, ...], int], list[int]] = {}

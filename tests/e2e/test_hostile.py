@@ -18,8 +18,18 @@ import torch
 from flowspec.api import Cluster, Request
 from flowspec.config import parse_peers
 from flowspec.errors import AuthError
-from flowspec.net import (HANDSHAKE_LIMITS, Error, Handshake, HandshakeState, Open, Prefill, Timeouts, connect,
-                          encode_frame, parse_message)
+from flowspec.net import (
+    HANDSHAKE_LIMITS,
+    Error,
+    Handshake,
+    HandshakeState,
+    Open,
+    Prefill,
+    Timeouts,
+    connect,
+    encode_frame,
+    parse_message,
+)
 from flowspec.net.framing import decode_body
 from flowspec.node.build import deployment
 from flowspec.node.local import LocalCluster

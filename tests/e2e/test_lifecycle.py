@@ -30,8 +30,9 @@ async def test_killed_stage_fails_the_request_naming_it(victim: int) -> None:
     local = LocalCluster(SMOL, 2, extra_args=["--heartbeat-timeout", "1"])
     try:
         start_sync(local)
-        cluster = await Cluster.connect(local.peers, model=SMOL, timeouts=FAST, step_timeout=5.0)
-        cluster.head.recovery_timeout = 1.0  # no replacement comes: give up after 1 s
+        # no replacement comes: give up after 1 s
+        cluster = await Cluster.connect(local.peers, model=SMOL, timeouts=FAST, step_timeout=5.0,
+                                        recovery_timeout=1.0)
         got: list[int] = []
         try:
             with pytest.raises((StageFailed, StageTimeout)) as info:
@@ -74,7 +75,7 @@ async def test_cancelled_stream_frees_the_request(stages: Stages, head_for, wher
         with pytest.raises(asyncio.CancelledError):
             await task
         async with asyncio.timeout(10):
-            while cluster.head._active:  # the head's finally ran: nothing left of the request
+            while cluster.head.links.open_requests:  # the head's finally ran: nothing left of the request
                 await asyncio.sleep(0.05)
         # every stage opened and then closed (not merely orphaned) exactly the request it was given
         for k in (1, 2):
@@ -138,19 +139,19 @@ def test_flowspec_node_rejects_a_bad_peers_file(tmp_path) -> None:  # type: igno
 async def test_slow_drafter_load_keeps_the_links_up(stages: Stages, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading the draft model on first use must not block the event loop past the heartbeat timeout (it did:
     every link dropped while a big drafter loaded, and the request went through a needless recovery)."""
-    import flowspec.model
+    import flowspec.store
 
-    real = flowspec.model.make_drafter
+    real = flowspec.store.make_drafter
 
     def slow_make_drafter(*args, **kwargs):  # type: ignore[no-untyped-def]
         time.sleep(4.0)  # a big drafter on a busy CPU; the head's heartbeat timeout below is 3 s
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flowspec.model, "make_drafter", slow_make_drafter)
+    monkeypatch.setattr(flowspec.store, "make_drafter", slow_make_drafter)
     local = stages.get(SMOL, 2)
-    async with await Cluster.connect(local.peers, model=SMOL, draft="random",
+    # recovery_timeout=0: a lost stage would fail the request outright
+    async with await Cluster.connect(local.peers, model=SMOL, draft="random", recovery_timeout=0,
                                      timeouts=Timeouts(heartbeat_interval=0.5, heartbeat_timeout=3.0)) as cluster:
-        cluster.head.recovery_timeout = 0  # a lost stage would fail the request outright
         result = await cluster.generate("Hi", mode="flowspec", max_new_tokens=4)
         assert len(result.tokens) == 4 and result.recoveries == 0
-        assert all(link.error is None for link in cluster.head.links)
+        assert cluster.head.links.all_up

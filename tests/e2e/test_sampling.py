@@ -15,13 +15,13 @@ import torch
 
 from flowspec.api import Request
 from flowspec.config import parse_peers
-from flowspec.model import make_drafter
 from flowspec.net import Timeouts, serve
 from flowspec.node.build import build_head, build_stage, deployment
 from flowspec.node.head import GenerationResult, HeadNode
 from flowspec.node.local import free_ports
 from flowspec.sched import Budget, Mode, SamplingParams
 from flowspec.sched.sampling import choose_token
+from flowspec.store import make_drafter
 from tests.e2e.conftest import specbench_prompts
 
 VOCAB = 12

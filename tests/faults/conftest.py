@@ -21,11 +21,12 @@ import pytest
 
 from flowspec.api import Cluster, Request
 from flowspec.config import read_peers
-from flowspec.model import Drafter, make_drafter
-from flowspec.model.pull import pull
-from flowspec.model.registry import RECEIPT, model_dir
+from flowspec.model import Drafter
 from flowspec.node.build import deployment
 from flowspec.node.local import LocalCluster, free_ports
+from flowspec.store import make_drafter
+from flowspec.store.pull import pull
+from flowspec.store.registry import RECEIPT, model_dir
 
 SMOL = "smollm2-135m"
 DRAFT = "self:layers=20"

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from flowspec.config import parse_peers
-from flowspec.model import make_drafter
 from flowspec.net import Timeouts, serve
 from flowspec.node.build import build_head, build_stage, deployment
 from flowspec.node.head import GenerationResult
 from flowspec.node.local import free_ports
 from flowspec.sched import Budget, Mode, SamplingParams
+from flowspec.store import make_drafter
 
 NEW = 2000
 PROMPT = [5, 17, 3, 42, 8, 23, 61, 7, 11, 30]
@@ -105,7 +105,7 @@ async def test_long_generation_keeps_stage_kv_bounded(tmp_path: Path) -> None:
 
     # Not garbage: the first tokens equal transformers' greedy generate on the unsplit model (all 2,000 would
     # take transformers over a minute on CPU).
-    from flowspec.model import load_hf_reference
+    from flowspec.store import load_hf_reference
 
     ref = load_hf_reference(str(folder))
     check = 200

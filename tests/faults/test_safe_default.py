@@ -17,7 +17,7 @@ def node(tmp_path: Path, *extra: str, secret: str | None = None) -> subprocess.C
     env = {k: v for k, v in os.environ.items() if k != "FLOWSPEC_SECRET"}
     if secret is not None:
         env["FLOWSPEC_SECRET"] = secret
-    cmd = [sys.executable, "-m", "flowspec.node.cli", "--peers", str(peers), "--index", "1",
+    cmd = [sys.executable, "-m", "flowspec.cli.node", "--peers", str(peers), "--index", "1",
            "--model", str(tmp_path / "no-such-model"), "--cache-dir", str(tmp_path / "cache"), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 

@@ -85,5 +85,5 @@ def test_heads_do_not_share_request_ids(tmp_path: Path) -> None:
     folder = tiny_llama(tmp_path / "tiny-llama")
     dep = deployment(str(folder), 2, cache_dir=tmp_path / "cache")
     peers = parse_peers("\n".join(f"127.0.0.1:{p}" for p in free_ports(3)))
-    firsts = {build_head(dep, peers, None, Timeouts())._next_req for _ in range(4)}
+    firsts = {build_head(dep, peers, None, Timeouts()).links._next_req for _ in range(4)}
     assert len(firsts) == 4, "two heads would open the same request id on the same stages"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowspec.model.pull import pull
-from flowspec.model.registry import RECEIPT, model_dir
+from flowspec.store.pull import pull
+from flowspec.store.registry import RECEIPT, model_dir
 
 
 def make_tiny(folder: Path, arch: str, seed: int = 0, vocab: int = 97, layers: int = 5, tie: bool = False) -> Path:
@@ -57,7 +57,7 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_ref(smollm2: Path):  # type: ignore[no-untyped-def]
     """transformers' SmolLM2 forward, loaded once: tokens [n] -> logits [n, V]."""
-    from flowspec.model.load import load_hf_reference
+    from flowspec.store.load import load_hf_reference
 
     model = load_hf_reference(smollm2)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowspec.model.commands import add_commands
+from flowspec.store.commands import add_commands
 
 
 def run(argv: list[str]) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowspec.errors import ConfigError, ModelMismatch
-from flowspec.model.drafter import make_drafter
-from flowspec.model.load import load_full
+from flowspec.errors import ConfigError, ModelError, ModelMismatch
+from flowspec.store import make_drafter
+from flowspec.store.load import load_full
 
 
 def save_tokenizer(folder: Path, words: list[str]) -> None:
@@ -62,6 +62,17 @@ def test_sync_divergence_recomputes(tiny_llama: Path) -> None:
     torch.testing.assert_close(got, target_logprobs(tiny_llama, [1, 2, 3, 7, 8, 9])[-1], atol=2e-5, rtol=1e-4)
 
 
+def test_bad_parent_is_refused_and_leaves_the_scratch_alone(tiny_llama: Path) -> None:
+    d = make_drafter("self", tiny_llama)
+    d.sync([1, 2, 3])
+    d.expand([4], [-1], [3])
+    with pytest.raises(ModelError, match="expand: parent 2 of tree slot 2 must be -1 or an earlier slot"):
+        d.expand([5, 6], [0, 2], [4, 5])
+    assert d.num_scratch == 1 and d.cache.length == 4
+    got = d.expand([5], [0], [4])[0]
+    torch.testing.assert_close(got, target_logprobs(tiny_llama, [1, 2, 3, 4, 5])[-1], atol=2e-5, rtol=1e-4)
+
+
 def test_random_drafter_is_seeded_and_uses_target_vocab(tiny_qwen2: Path) -> None:
     a, b = make_drafter("random", tiny_qwen2, seed=3), make_drafter("random", tiny_qwen2, seed=3)
     for d in (a, b):
@@ -102,7 +113,7 @@ def test_tokenizer_mismatch_refused(with_tokenizers: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_smollm2_self_drafter_matches_transformers(smollm2: Path, smollm2_ref) -> None:  # type: ignore[no-untyped-def]
-    from flowspec.model.load import load_tokenizer
+    from flowspec.store.load import load_tokenizer
 
     prompt = load_tokenizer(smollm2)("Write a haiku about pipelines.")["input_ids"]
     d = make_drafter("self", "smollm2-135m")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowspec.model.load import load_full, load_head, load_hf_reference, load_stage, load_tokenizer
-from flowspec.model.shard import split_model
+from flowspec.store.load import load_full, load_head, load_hf_reference, load_stage, load_tokenizer
+from flowspec.store.shard import split_model
 
 
 def run_chain(shards: Path, tokens: torch.Tensor, chunks: list[int]) -> torch.Tensor:
@@ -82,7 +82,7 @@ def test_smollm2_chain_matches_transformers(smollm2: Path, tmp_path: Path, num_s
 @pytest.mark.qwen
 def test_qwen05_matches_transformers() -> None:
     """The realistic draft (qwen2 arch, q/k/v biases, untied head) through our code vs transformers."""
-    from flowspec.model.registry import RECEIPT, model_dir
+    from flowspec.store.registry import RECEIPT, model_dir
 
     if not (model_dir("qwen2.5-coder-0.5b") / RECEIPT).is_file():
         pytest.skip("qwen2.5-coder-0.5b not pulled (flowspec models pull qwen2.5-coder-0.5b)")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from flowspec.errors import ModelError, ModelMismatch, ModelNotInstalled
-from flowspec.model import pull as pull_mod
-from flowspec.model.registry import REGISTRY, ModelSpec, list_models, resolve
+from flowspec.store import pull as pull_mod
+from flowspec.store.registry import REGISTRY, ModelSpec, list_models, resolve
 
 PARTS = [b"GGUF" + bytes(range(200)), bytes(range(255, 0, -1)) * 3]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from flowspec.errors import ConfigError, ModelError, ModelMismatch
-from flowspec.model.load import load_head, load_stage
-from flowspec.model.registry import model_fingerprint
-from flowspec.model.shard import ensure_shards, plan_layers, split_model
+from flowspec.store.load import load_head, load_stage
+from flowspec.store.registry import model_fingerprint
+from flowspec.store.shard import ensure_shards, plan_layers, split_model
 
 
 def test_plan_layers() -> None:

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from flowspec.errors import ModelError
 from flowspec.model.kv_cache import KVCache
-from flowspec.model.load import load_full
-from flowspec.model.mask import causal_visible, tree_visible
 from flowspec.model.stage import LMHead, StageModel
+from flowspec.store.load import load_full
+from flowspec.treemask import causal_visible, tree_visible
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

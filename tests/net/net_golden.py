@@ -11,8 +11,23 @@ from typing import Any
 
 import torch
 
-from flowspec.net import (Close, Error, Hello, Limits, Message, Open, Ping, Pong, Prefill, Ready, Refuse, Segment,
-                          Stats, Verdict, Auth)
+from flowspec.net import (
+    Auth,
+    Close,
+    Error,
+    Hello,
+    Limits,
+    Message,
+    Open,
+    Ping,
+    Pong,
+    Prefill,
+    Ready,
+    Refuse,
+    Segment,
+    Stats,
+    Verdict,
+)
 
 LIMITS = Limits.for_model(hidden_size=2, vocab_size=128, max_positions=1024, max_rows=8)
 

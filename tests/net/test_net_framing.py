@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from net_golden import GOLDEN, LIMITS, same_message
 
 from flowspec.errors import PeerProtocolError
 from flowspec.net import FrameDecoder, Limits, Message, decode_tensor, encode_frame, encode_tensor, parse_message
-from net_golden import GOLDEN, LIMITS, same_message
 
 ALL_BYTES = b"".join(b for _, b in GOLDEN)
 

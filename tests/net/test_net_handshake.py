@@ -8,8 +8,20 @@ from dataclasses import replace
 import pytest
 
 from flowspec.errors import AuthError, ConfigError, LocalProtocolError
-from flowspec.net import (HANDSHAKE_LIMITS, Auth, compute_mac, FrameDecoder, Handshake, HandshakeState, Hello, Message, Ping, Ready,
-                          encode_frame, parse_message)
+from flowspec.net import (
+    HANDSHAKE_LIMITS,
+    Auth,
+    FrameDecoder,
+    Handshake,
+    HandshakeState,
+    Hello,
+    Message,
+    Ping,
+    Ready,
+    compute_mac,
+    encode_frame,
+    parse_message,
+)
 
 STAGE = Hello(version=1, role="stage", index=2, fingerprint="abc123" + "0" * 58, nonce=b"S" * 16)
 HEAD = Hello(version=1, role="head", index=0, fingerprint="abc123" + "0" * 58, nonce=b"H" * 16)

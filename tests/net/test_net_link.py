@@ -14,8 +14,24 @@ import structlog
 import torch
 
 from flowspec.errors import AuthError, StageFailed, StageTimeout
-from flowspec.net import (HANDSHAKE_LIMITS, FrameDecoder, Handshake, HandshakeState, Hello, Limits, Link, Ping,
-                          Pong, Segment, Timeouts, Verdict, connect, encode_frame, parse_message, serve)
+from flowspec.net import (
+    HANDSHAKE_LIMITS,
+    FrameDecoder,
+    Handshake,
+    HandshakeState,
+    Hello,
+    Limits,
+    Link,
+    Ping,
+    Pong,
+    Segment,
+    Timeouts,
+    Verdict,
+    connect,
+    encode_frame,
+    parse_message,
+    serve,
+)
 
 LIMITS = Limits.for_model(hidden_size=16, vocab_size=1000, max_positions=4096, max_rows=32)
 FAST = Timeouts(connect=2.0, handshake=2.0, frame=1.0, heartbeat_interval=0.1, heartbeat_timeout=0.6)
@@ -87,7 +103,7 @@ async def test_echo_roundtrip_and_counters(start_server: Callable[..., Awaitable
         await link.send(sent)
         got = await link.recv(timeout_s=2)
         assert isinstance(got, Segment) and torch.equal(got.x, sent.x) and torch.equal(got.parents, sent.parents)
-        assert link.frames_sent == 1 and link.bytes_sent == link.bytes_charged == len(encode_frame(sent.to_wire()))
+        assert link.frames_sent == 1 and link.bytes_sent == len(encode_frame(sent.to_wire()))
 
 
 async def test_secret_handshake_live(start_server: Callable[..., Awaitable[Server]]) -> None:
@@ -264,7 +280,7 @@ async def test_pending_handshakes_are_bounded(start_server: Callable[..., Awaita
 async def test_no_tasks_leak_after_close(start_server: Callable[..., Awaitable[Server]]) -> None:
     _, port = await start_server()
     before = asyncio.all_tasks()
-    link = await client(port, shape=None)
+    link = await client(port)
     await link.send(segment())
     await link.recv(timeout_s=2)
     await link.close()

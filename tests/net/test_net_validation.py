@@ -12,10 +12,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from net_golden import GOLDEN, LIMITS
 
 from flowspec.errors import PeerProtocolError
 from flowspec.net import FrameDecoder, Limits, encode_frame, parse_message, unpackb
-from net_golden import GOLDEN, LIMITS
 
 H = LIMITS.hidden_size
 i64 = lambda *v: torch.tensor(v, dtype=torch.int64)  # noqa: E731

@@ -1,0 +1,62 @@
+"""Options and reports shared by `flowspec run`, `flowspec demo` and `flowspec bench`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from flowspec.api import Cluster
+from flowspec.node.head import GenerationResult
+from flowspec.prompts import Prompt
+
+__all__ = ["add_budget_args", "budget_overrides", "result_row"]
+
+_BUDGET_FLAGS = {  # flag -> Budget field
+    "tree_tokens": "init_tokens", "topk": "topk", "depth": "depth", "expand_tokens": "expand_tokens",
+    "expand_depth": "expand_depth", "segment": "segment", "width": "width", "in_flight": "in_flight",
+    "eager_root": "eager_root", "expand_from_leaf": "expand_from_leaf",
+}
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tree budgets (defaults suit CPU stages; see BENCHMARKS.md)")
+    g.add_argument("--tree-tokens", type=int, help="draft nodes in a round's first tree (chunk, flowspec)")
+    g.add_argument("--topk", type=int, help="children per node per level, and the beam width")
+    g.add_argument("--depth", type=int, help="beam levels after the first top-k level")
+    g.add_argument("--expand-tokens", type=int, help="draft nodes per dynamic expansion (flowspec)")
+    g.add_argument("--expand-depth", type=int, help="beam levels per expansion (flowspec)")
+    g.add_argument("--segment", type=int, help="max tree nodes per pipeline segment (flowspec)")
+    g.add_argument("--width", type=int, help="nodes per tree layer (pipedec)")
+    g.add_argument("--in-flight", type=int, help="segments in the pipeline at once (default stages + 1)")
+    g.add_argument("--eager-root", action="store_const", const=True, default=None,
+                   help="flowspec: send a round's root before its tree is drafted (for fast drafters)")
+    g.add_argument("--expand-from-leaf", action="store_const", const=True, default=None,
+                   help="flowspec: expand below the best-scored leaf of the surviving tree, not the new root")
+
+
+def budget_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The budget fields the user set (flags left out keep Budget's defaults)."""
+    return {field: getattr(args, flag) for flag, field in _BUDGET_FLAGS.items()
+            if getattr(args, flag, None) is not None}
+
+
+def result_row(prompt: Prompt, result: GenerationResult, cluster: Cluster, mode: str) -> dict[str, Any]:
+    stats = result.stats
+    n = len(result.tokens)
+    return {
+        "id": prompt.id,
+        "mode": mode,
+        "tokens": result.tokens,
+        "text": cluster.decode(result.tokens),
+        "finish_reason": result.finish_reason,
+        "tokens_per_s": round(result.tokens_per_s, 3),
+        "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
+        "ttft_s": round(result.ttft_s, 4),
+        "steps": stats.steps,
+        "verifications": stats.verifications,
+        "mean_accepted": round(stats.mean_accepted, 3),
+        "tokens_per_step": round(stats.committed / stats.steps, 3) if stats.steps else 0.0,
+        "draft_tokens_per_token": round(stats.rows_sent / max(stats.committed, 1), 3),
+        "utilization": [round(u, 3) for u in result.utilization(cluster.head.num_stages)],
+        "bytes_per_token": round(result.bytes_sent / max(n, 1), 1),
+    }

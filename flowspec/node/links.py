@@ -1,0 +1,209 @@
+"""The head's links to every stage: connecting, routing each inbound frame to its request, and recovery.
+
+One reader task per link, all owned by one TaskGroup that a supervisor task runs from `connect()` to
+`aclose()`. A reader turns what arrives into items of the request's inbox: ring frames as they are, a stage's
+`error` frame as `StageError` (or `StageLost` when the stage could not pass results on), and the loss of the
+link itself as `StageLost` for every open request. Decisions about those stay with the request's driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from flowspec.compat import TaskGroup
+from flowspec.errors import FlowSpecError, LocalProtocolError, StageFailed, StageTimeout
+from flowspec.net import DIRECT, Error, Hello, Limits, Link, Message, Network, Stats, Timeouts, connect
+from flowspec.sched import Event, StageError, StageLost
+
+__all__ = ["DraftFailed", "Inbox", "LinkLost", "StageLinks"]
+
+log = structlog.get_logger("flowspec.head")
+
+
+class LinkLost(Exception):
+    """Internal: the link to stage `stage` is gone; the request may resume once it (or a standby) is back."""
+
+    def __init__(self, stage: int, reason: str) -> None:
+        super().__init__(f"stage {stage}: {reason}")
+        self.stage, self.reason = stage, reason
+
+
+@dataclass(frozen=True, slots=True)
+class DraftFailed:
+    """A draft job of the request raised (a drafter bug): the request fails rather than wait for it."""
+
+    error: BaseException
+
+
+@dataclass
+class Inbox:
+    """What arrives for one request: ring frames and events, plus each stage's busy intervals at close."""
+
+    items: asyncio.Queue[Message | Event | DraftFailed] = field(default_factory=asyncio.Queue)
+    stats: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
+    stats_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class StageLinks:
+    """Links from the head to stages 1..N, in pipeline order, with their standbys and a recovery deadline."""
+
+    def __init__(self, stages: Sequence[tuple[str, int]], hello: Hello, limits: Limits, timeouts: Timeouts,
+                 secret: bytes | None, *, standbys: dict[int, list[tuple[str, int]]] | None = None,
+                 recovery_timeout: float = 30.0, network: Network = DIRECT) -> None:
+        self.addresses = list(stages)
+        self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
+        self.standbys = standbys or {}  # stage -> standby addresses serving the same layers
+        self.recovery_timeout = recovery_timeout  # 0 = fail at once when a stage is lost
+        self.network = network
+        self.links: list[Link] = []
+        self._inboxes: dict[int, Inbox] = {}
+        self._readers: dict[int, asyncio.Task[None]] = {}
+        self._group: TaskGroup | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        # Ids unique across heads: a stage drops late frames of a finished request by id, so a new head must
+        # not reuse an id another head (or an earlier attempt) used on the same stages.
+        self._next_req = secrets.randbits(62)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.addresses)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(link.bytes_sent for link in self.links)
+
+    @property
+    def open_requests(self) -> int:
+        """Requests whose frames are routed here now (a finished request has none left)."""
+        return len(self._inboxes)
+
+    @property
+    def all_up(self) -> bool:
+        return bool(self.links) and all(link.error is None for link in self.links)
+
+    # -- lifetime ----------------------------------------------------------------------------------------
+    async def connect(self) -> None:
+        ready = asyncio.Event()
+        self._supervisor = asyncio.create_task(self._supervise(ready), name="head links")
+        await ready.wait()
+        try:
+            for k, (host, port) in enumerate(self.addresses, start=1):
+                self.links.append(await self._connect(k, host, port))
+                self._start_reader(k)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _supervise(self, ready: asyncio.Event) -> None:
+        async with TaskGroup() as group:
+            self._group = group
+            ready.set()
+            await self._stop.wait()
+            for task in self._readers.values():
+                task.cancel()
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        if self._supervisor is not None:
+            await self._supervisor
+        for link in self.links:
+            await link.close()
+
+    async def _connect(self, k: int, host: str, port: int) -> Link:
+        return await connect(host, port, hello=self.hello, expect_index=k, secret=self.secret, limits=self.limits,
+                             timeouts=self.timeouts, network=self.network)
+
+    def _start_reader(self, k: int) -> None:
+        if self._group is None:
+            raise LocalProtocolError("StageLinks.connect() first")
+        old = self._readers.get(k)
+        if old is not None:
+            old.cancel()  # the group awaits it
+        self._readers[k] = self._group.create_task(self._read(k, self.links[k - 1]), name=f"head reader {k}")
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def open_inbox(self) -> tuple[int, Inbox]:
+        """A fresh request id and the inbox its frames are routed to."""
+        req, self._next_req = self._next_req, self._next_req + 1
+        inbox = self._inboxes[req] = Inbox()
+        return req, inbox
+
+    def close_inbox(self, req: int) -> None:
+        self._inboxes.pop(req, None)
+
+    async def send(self, k: int, msg: Message) -> None:
+        """Send to stage k; a broken link is a lost stage (LinkLost)."""
+        try:
+            await self.links[k - 1].send(msg)
+        except (StageFailed, StageTimeout) as exc:
+            raise LinkLost(k, str(exc)) from exc
+
+    async def send_quietly(self, msg: Message) -> None:
+        """Send to every stage whose link is up; failures are left to the readers to report."""
+        for link in self.links:
+            if link.error is None:
+                try:
+                    await link.send(msg)
+                except FlowSpecError:
+                    pass
+
+    async def _read(self, k: int, link: Link) -> None:
+        try:
+            while True:
+                msg = await link.recv()
+                inbox = self._inboxes.get(getattr(msg, "req", -1))
+                if inbox is None:
+                    continue  # a late frame of a finished request
+                match msg:
+                    case Stats(busy=busy):
+                        inbox.stats[k] = list(busy)
+                        if len(inbox.stats) == self.num_stages:
+                            inbox.stats_done.set()
+                    case Error(code="ring", reason=reason):
+                        inbox.items.put_nowait(StageLost(k, reason))
+                    case Error(code=code, reason=reason):
+                        inbox.items.put_nowait(StageError(k, code, reason))
+                    case _:
+                        inbox.items.put_nowait(msg)
+        except FlowSpecError as exc:
+            log.warning("stage.lost", stage=k, reason=str(exc))
+            for inbox in self._inboxes.values():
+                inbox.items.put_nowait(StageLost(k, str(exc)))
+
+    # -- recovery ----------------------------------------------------------------------------------------
+    async def recover(self, k: int, reason: str) -> None:
+        """Reconnect stage k (restarted, or a standby) and any other broken link, or fail after the deadline."""
+        if self.recovery_timeout <= 0:
+            raise StageFailed(f"stage {k} lost: {reason}")
+        log.warning("stage.recovering", stage=k, reason=reason, deadline_s=self.recovery_timeout)
+        deadline = time.monotonic() + self.recovery_timeout
+        broken = sorted({k} | {i for i, link in enumerate(self.links, start=1) if link.error is not None})
+        for index in broken:
+            await self._reconnect(index, deadline, reason)
+        log.warning("stage.recovered", stages=broken)
+
+    async def _reconnect(self, k: int, deadline: float, reason: str) -> None:
+        await self.links[k - 1].close()
+        delay = 0.2
+        last_error = reason
+        while time.monotonic() < deadline:
+            for host, port in [self.addresses[k - 1], *self.standbys.get(k, [])]:
+                try:
+                    link = await self._connect(k, host, port)
+                except FlowSpecError as exc:
+                    last_error = str(exc)
+                    continue
+                self.links[k - 1] = link
+                self._start_reader(k)
+                return
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+        raise StageFailed(f"stage {k} lost ({reason}) and no replacement came within "
+                          f"{self.recovery_timeout:.0f} s (last try: {last_error})")
