@@ -20,12 +20,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flowspec.config import Peers, load_secret, read_peers
 from flowspec.errors import ConfigError
 from flowspec.model import Drafter
+from flowspec.model.precision import DEFAULT_GROUP_SIZE, resolve_device
 from flowspec.net import Timeouts
 from flowspec.node.backend import Backend
-from flowspec.node.build import Deployment, build_head, deployment
+from flowspec.node.build import Deployment, build_head, deployment, device_for, precisions_for
 from flowspec.node.head import GenerationResult, HeadNode
 from flowspec.node.local import LocalCluster
 from flowspec.sched import Budget, Mode, SamplingParams
@@ -55,10 +58,11 @@ class Cluster:
     """A head (this process) connected to a pipeline of stages."""
 
     def __init__(self, head: HeadNode, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
-                 local: LocalCluster | None = None) -> None:
+                 local: LocalCluster | None = None, device: torch.device | None = None) -> None:
         from flowspec.store import load_tokenizer, resolve
 
         self.head, self.dep, self.cache_dir, self.local = head, dep, cache_dir, local
+        self.device = device or torch.device("cpu")  # the head's: its lm_head and drafter
         self.draft_spec = draft.name if isinstance(draft, Drafter) else draft
         if isinstance(draft, Drafter):
             head.drafter = draft
@@ -70,15 +74,22 @@ class Cluster:
     async def start_local(cls, model: str, stages: int, *, draft: str | None = None,
                           layers: list[int] | None = None, cache_dir: str | None = None,
                           timeouts: Timeouts | None = None, recovery_timeout: float = 30.0,
-                          node_args: Sequence[str] = (), step_timeout: float = 60.0) -> Cluster:
+                          node_args: Sequence[str] = (), step_timeout: float = 60.0, device: str = "auto",
+                          dtype: str = "auto", quant: str = "none",
+                          group_size: int = DEFAULT_GROUP_SIZE) -> Cluster:
         """Start `stages` stage processes on loopback and connect to them (`node_args`: more flowspec-node
-        options for every stage). The processes end with `aclose()`."""
-        dep = deployment(model, stages, layers, cache_dir)  # split once here, not in N racing processes
-        local = LocalCluster(model, stages, layers, cache_dir, extra_args=list(node_args))
+        options for every stage). Every stage and the head run on `device` in `dtype` with `quant` weights
+        (see flowspec.model.precision). The processes end with `aclose()`."""
+        device = str(resolve_device(device))  # every part runs here: `auto` means this machine's GPU, if any
+        formats = ["--device", device, "--dtype", dtype, "--quant", quant, "--group-size", str(group_size)]
+        local = LocalCluster(model, stages, layers, cache_dir, extra_args=[*formats, *node_args])
+        precisions = precisions_for(local.peers, dtype, quant, group_size, device)
+        # split once here, not in N racing processes
+        dep = await asyncio.to_thread(deployment, model, stages, layers, cache_dir, precisions)
         await local.start()
         try:
             return await cls._connect(local.peers, dep, draft, cache_dir, None, timeouts, step_timeout,
-                                      recovery_timeout, Backend(), local)
+                                      recovery_timeout, Backend(), device, local)
         except BaseException:
             local.stop()
             raise
@@ -87,28 +98,34 @@ class Cluster:
     async def connect(cls, peers: str | os.PathLike[str] | Peers, *, model: str, draft: str | Drafter | None = None,
                       cache_dir: str | None = None, secret: bytes | None = None, timeouts: Timeouts | None = None,
                       step_timeout: float = 60.0, recovery_timeout: float = 30.0,
-                      backend: Backend | None = None) -> Cluster:
+                      backend: Backend | None = None, device: str = "auto", dtype: str = "auto",
+                      quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE) -> Cluster:
         """Connect to running `flowspec-node` processes listed in a peers file (the head is line 1).
 
         `draft` is a draft spec (see `default_draft`) or an already loaded Drafter. `timeouts` are the head's
         link deadlines (heartbeats); a lost stage is waited for (restarted, or a standby= address) up to
         `recovery_timeout` seconds, then the request fails (0: fail at once). `backend` is where the head's
         compute runs and how its links reach the wire (flowspec.node.Backend; the default is this machine).
+        `device`, `dtype`, `quant`, `group_size`: the pipeline's number formats, as every stage was started
+        with them (a peers-file line's device=/dtype=/quant= wins); a stage that disagrees is refused.
         """
         parsed = peers if isinstance(peers, Peers) else read_peers(peers)
-        dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir)
+        precisions = precisions_for(parsed, dtype, quant, group_size, device)
+        dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir, precisions, prepare=[0])
         return await cls._connect(parsed, dep, draft, cache_dir, secret or load_secret(), timeouts, step_timeout,
-                                  recovery_timeout, backend or Backend(), None)
+                                  recovery_timeout, backend or Backend(), device, None)
 
     @classmethod
     async def _connect(cls, peers: Peers, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
                        secret: bytes | None, timeouts: Timeouts | None, step_timeout: float,
-                       recovery_timeout: float, backend: Backend, local: LocalCluster | None) -> Cluster:
+                       recovery_timeout: float, backend: Backend, device: str,
+                       local: LocalCluster | None) -> Cluster:
+        head_device = device_for(peers, 0, device)
         head = build_head(dep, peers, secret, timeouts or Timeouts(), step_timeout=step_timeout,
-                          recovery_timeout=recovery_timeout, backend=backend)
+                          recovery_timeout=recovery_timeout, backend=backend, device=head_device)
         # the tokenizer first: loading it blocks the loop for seconds on a busy CPU, and with the links already
         # up that missed their heartbeats (every stage dropped the head; the first request needed a recovery)
-        cluster = cls(head, dep, draft, cache_dir, local)
+        cluster = cls(head, dep, draft, cache_dir, local, head_device)
         try:
             await head.connect()
         except BaseException:
@@ -154,7 +171,8 @@ class Cluster:
         from flowspec.store import make_drafter
 
         # on a worker thread: loading takes seconds, and a blocked loop misses the links' heartbeats
-        drafter = await asyncio.to_thread(make_drafter, spec, self.dep.model, self.cache_dir)
+        drafter = await asyncio.to_thread(make_drafter, spec, self.dep.model, self.cache_dir, 0, 1024,
+                                          self.dep.precisions[0], self.device)
         if self.head.drafter is not None:
             return  # another request loaded it meanwhile
         self.head.drafter = drafter

@@ -4,12 +4,13 @@
     192.168.1.10:7000
     192.168.1.11:7001  layers=8
     192.168.1.12:7001  layers=8
-    192.168.1.13:7001  layers=7  profile=pi5-8b
+    192.168.1.13:7001  layers=7  device=cpu quant=int4
 
 Options: `layers=N` (how many target layers this stage holds; give it on every stage or on none, for a
-balanced split), `profile=NAME` (device cost profile, for the emulated testbed), `standby=host:port[,host:port]`
-(standby nodes serving the same layers: started with `flowspec-node --index K --listen host:port`, they take
-over when the stage is lost).
+balanced split), `standby=host:port[,host:port]` (standby nodes serving the same layers: started with
+`flowspec-node --index K --listen host:port`, they take over when the stage is lost), and per device
+`device=auto|cpu|cuda|cuda:N`, `dtype=auto|float32|float16|bfloat16`, `quant=none|int8|int4` (override the
+`--device/--dtype/--quant` flags for that line; the head's line sets the head's lm_head and drafter).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from flowspec.errors import ConfigError
 
 __all__ = ["Peer", "Peers", "load_secret", "parse_peers", "read_peers", "split_address"]
 
-_OPTIONS = ("layers", "profile", "standby")
+_OPTIONS = ("layers", "standby", "device", "dtype", "quant")
+_CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "quant": ("none", "int8", "int4")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,11 @@ def _parse_line(text: str, line: int, source: str) -> Peer:
         if key == "standby":
             for address in value.split(","):
                 split_address(address, line, source)
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{source}:{line}: {key}={value} is not one of {', '.join(_CHOICES[key])}")
+        if key == "device" and value not in ("auto", "cpu", "cuda") and not (
+                value.startswith("cuda:") and value[5:].isdigit()):
+            raise ConfigError(f"{source}:{line}: device={value}: use auto, cpu, cuda or cuda:N")
         options[key] = value
     return Peer(host, port, line, options)
 
@@ -122,8 +129,9 @@ def parse_peers(text: str, source: str = "<peers>") -> Peers:
         if peer.address in seen:
             raise ConfigError(f"{source}:{peer.line}: {peer.address} is already stage line {seen[peer.address]}")
         seen[peer.address] = peer.line
-    if "layers" in peers[0].options:
-        raise ConfigError(f"{source}:{peers[0].line}: the head holds no target layers; drop layers= there")
+    for key in ("layers", "standby"):
+        if key in peers[0].options:
+            raise ConfigError(f"{source}:{peers[0].line}: the head holds no target layers; drop {key}= there")
     return Peers(peers[0], tuple(peers[1:]), source)
 
 

@@ -61,7 +61,7 @@ def calibrate(profile: Profile, dep: Any, drafter: Any, *, segment_rows: int, be
 
     # the heaviest stage by layer count (stage 1 also embeds, which is a cheap lookup)
     k = max(range(len(dep.counts)), key=lambda i: (dep.counts[i], -i)) + 1
-    stage = load_stage(dep.shards / f"stage-{k}", verify=False)
+    stage = load_stage(dep.shard(k), verify=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the stage processes (LocalCluster threads=1)
     try:
@@ -85,7 +85,7 @@ def calibrate(profile: Profile, dep: Any, drafter: Any, *, segment_rows: int, be
     finally:
         torch.set_num_threads(threads)
 
-    head = load_head(dep.shards / "stage-0", verify=False)
+    head = load_head(dep.shard(0), verify=False)
     hidden = torch.randn(segment_rows, dep.config.hidden_size)
     with torch.no_grad():
         note(f"lm_head_{segment_rows}", _best_of(lambda: head.forward(hidden)), profile.head_step_cost(segment_rows))

@@ -22,7 +22,7 @@ REFERENCE_MODES = ("hf", "hf-assisted")
 
 
 def add_bench_command(sub: Any) -> None:
-    from flowspec.cli.options import add_budget_args
+    from flowspec.cli.options import add_budget_args, add_precision_args
 
     p = sub.add_parser("bench", help="benchmark decoding modes side by side on an emulated edge testbed",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
@@ -60,6 +60,7 @@ examples:
                    help="torch threads of the head (this process); stages use 1 each (default 1: on a small "
                         "machine shared by N+1 processes, more threads mostly spin)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_precision_args(p)
     add_budget_args(p)
     p.set_defaults(handler=bench_command)
 
@@ -95,7 +96,8 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     from flowspec.bench.profiles import load_profile
     from flowspec.bench.shaping import LinkShape
     from flowspec.bench.testbed import EmulatedBackend
-    from flowspec.cli.options import budget_overrides, result_row
+    from flowspec.cli.options import budget_overrides, formats, result_row
+    from flowspec.model.precision import Precision, resolve_device
     from flowspec.net import Timeouts
     from flowspec.node.build import deployment
     from flowspec.node.head import GenerationResult
@@ -120,8 +122,11 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
         raise ConfigError("--link shapes the emulated testbed's links: give a --profile too")
     profile = load_profile(args.profile) if args.profile else None
     link = LinkShape.parse(args.link) if args.link else None
-    dep = deployment(args.model, args.stages, layers, args.cache_dir)
-    real_drafter = make_drafter(draft, args.model, args.cache_dir) if needs_draft and draft else None
+    device = str(resolve_device(args.device))  # the whole testbed runs on this machine
+    precision = Precision.parse(args.dtype, args.quant, args.group_size, torch.device(device))
+    dep = deployment(args.model, args.stages, layers, args.cache_dir, precision)
+    real_drafter = (make_drafter(draft, args.model, args.cache_dir, precision=precision, device=device)
+                    if needs_draft and draft else None)
 
     calibration = None
     dilation = args.dilation if args.dilation is not None else 1.0
@@ -147,7 +152,8 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     if pipeline:
         # heartbeats ride the dilated, shaped links: give them room in proportion to D
         beat = 5.0 + 2.0 * dilation
-        node_args = ["--heartbeat-timeout", str(beat)]
+        node_args = ["--heartbeat-timeout", str(beat), "--device", device, "--dtype", args.dtype, "--quant",
+                     args.quant, "--group-size", str(args.group_size)]
         module = "flowspec.cli.node"
         head_backend = None
         if profile is not None:
@@ -159,7 +165,8 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
         try:
             async with await Cluster.connect(local.peers, model=args.model, draft=real_drafter,
                                              cache_dir=args.cache_dir, timeouts=Timeouts(heartbeat_timeout=beat),
-                                             step_timeout=max(60.0, 10 * dilation), backend=head_backend) as cluster:
+                                             step_timeout=max(60.0, 10 * dilation), backend=head_backend,
+                                             **{**formats(args), "device": device}) as cluster:
                 bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=args.no_progress,
                            file=sys.stderr)
                 for p_index, prompt in enumerate(prompts):

@@ -17,8 +17,8 @@ from flowspec.errors import FlowSpecError
 
 def build_parser() -> argparse.ArgumentParser:
     from flowspec.cli.demo import add_demo_command
+    from flowspec.cli.models import add_commands as add_model_commands
     from flowspec.cli.run import add_run_command
-    from flowspec.store.commands import add_commands as add_model_commands
 
     parser = argparse.ArgumentParser(prog="flowspec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

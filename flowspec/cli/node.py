@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import structlog
 
+from flowspec.cli.options import add_precision_args
 from flowspec.config import Peer, Peers, read_peers, split_address
 from flowspec.errors import ConfigError, FlowSpecError
 from flowspec.logging import configure_logging
@@ -40,6 +41,7 @@ def node_parser() -> argparse.ArgumentParser:
                    help="allow listening on a non-loopback address without a shared secret")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a peer is dead")
+    add_precision_args(p)
     return p
 
 
@@ -50,7 +52,7 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
     """Serve stage `args.index` until SIGINT or SIGTERM; `make_backend(peers, index)` is the node's seam
     (the emulated testbed injects its own; the default runs on this machine as it is)."""
     from flowspec.config import load_secret
-    from flowspec.node.build import build_stage, deployment
+    from flowspec.node.build import build_stage, deployment, device_for, precisions_for
 
     peers = read_peers(args.peers)
     me = peers.stage(args.index)
@@ -65,18 +67,22 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
         raise ConfigError(f"refusing to listen on {me.address} without a shared secret: anyone on the LAN "
                           "could drive this stage. Set FLOWSPEC_SECRET (or --secret-file), or pass --insecure.")
     log = structlog.get_logger("flowspec.node").bind(stage=args.index)
-    dep = deployment(args.model, peers.num_stages, peers.layers, args.cache_dir)
+    device = device_for(peers, args.index, args.device)
+    precisions = precisions_for(peers, args.dtype, args.quant, args.group_size, args.device)
+    dep = deployment(args.model, peers.num_stages, peers.layers, args.cache_dir, precisions, prepare=[args.index])
     if args.heartbeat_timeout <= 0:
         raise ConfigError(f"--heartbeat-timeout must be > 0, got {args.heartbeat_timeout}")
     # ping at least 4 times per timeout, so that a short timeout does not fire on a healthy peer
     timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
                         heartbeat_timeout=args.heartbeat_timeout)
     backend = make_backend(peers, args.index) if make_backend is not None else Backend()
-    node = build_stage(dep, peers, args.index, secret, timeouts, backend=backend)
+    node = build_stage(dep, peers, args.index, secret, timeouts, backend=backend, device=device)
     server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
                          timeouts=timeouts, on_link=node.on_link, network=backend.network)
-    log.info("node.ready", address=me.address, layers=dep.counts[args.index - 1], model=args.model)
-    print(f"flowspec-node stage {args.index} ready on {me.address}", flush=True)
+    precision = precisions[args.index]
+    log.info("node.ready", address=me.address, layers=dep.counts[args.index - 1], model=args.model,
+             device=str(device), precision=precision.tag)
+    print(f"flowspec-node stage {args.index} ready on {me.address} ({device}, {precision.tag})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

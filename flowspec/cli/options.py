@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flowspec.api import Cluster
-from flowspec.node.head import GenerationResult
-from flowspec.prompts import Prompt
+if TYPE_CHECKING:
+    from flowspec.api import Cluster
+    from flowspec.node.head import GenerationResult
+    from flowspec.prompts import Prompt
 
-__all__ = ["add_budget_args", "budget_overrides", "result_row"]
+__all__ = ["add_budget_args", "add_precision_args", "budget_overrides", "formats", "result_row"]
+
+
+def add_precision_args(p: argparse.ArgumentParser, *, device: bool = True, quant: str = "none") -> None:
+    from flowspec.model.precision import DEFAULT_GROUP_SIZE, DTYPES, QUANTS
+
+    g = p.add_argument_group("device and number format (a peers-file line's device=/dtype=/quant= wins)")
+    if device:
+        g.add_argument("--device", default="auto",
+                       help="auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="compute dtype; auto = float16 on a GPU line, float32 (exact) on the CPU, bfloat16 with "
+                        "--quant (default auto)")
+    g.add_argument("--quant", default=quant, choices=QUANTS,
+                   help=f"weight-only quantization of every linear layer for CPU stages and the head (default {quant})")
+    g.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"int4 group size (default {DEFAULT_GROUP_SIZE}, measured: see BENCHMARKS.md)")
+
+
+def formats(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of `add_precision_args` as keyword arguments of `Cluster.start_local` / `Cluster.connect`."""
+    return {"device": getattr(args, "device", "auto"), "dtype": args.dtype, "quant": args.quant,
+            "group_size": args.group_size}
 
 _BUDGET_FLAGS = {  # flag -> Budget field
     "tree_tokens": "init_tokens", "topk": "topk", "depth": "depth", "expand_tokens": "expand_tokens",
@@ -59,4 +82,6 @@ def result_row(prompt: Prompt, result: GenerationResult, cluster: Cluster, mode:
         "draft_tokens_per_token": round(stats.rows_sent / max(stats.committed, 1), 3),
         "utilization": [round(u, 3) for u in result.utilization(cluster.head.num_stages)],
         "bytes_per_token": round(result.bytes_sent / max(n, 1), 1),
+        "stage_memory_mib": {k: {part: round(v / 2**20, 1) for part, v in m.items()}
+                             for k, m in sorted(result.stage_memory.items())},
     }

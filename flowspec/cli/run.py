@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from flowspec.api import Cluster, Request
-from flowspec.cli.options import add_budget_args, budget_overrides, result_row
+from flowspec.cli.options import add_budget_args, add_precision_args, budget_overrides, formats, result_row
 from flowspec.errors import ConfigError
 from flowspec.net import Timeouts
 from flowspec.node.head import GenerationResult
@@ -54,6 +54,7 @@ examples:
     p.add_argument("--recovery-timeout", type=float, default=30.0,
                    help="seconds to wait for a lost stage to come back (restarted, or a standby= address) "
                         "before the request fails; 0 = fail at once (default 30)")
+    add_precision_args(p)
     add_budget_args(p)
     p.set_defaults(handler=run_command)
 
@@ -72,13 +73,14 @@ async def _run(args: argparse.Namespace) -> int:
     if args.local:
         cluster = await Cluster.start_local(args.model, args.stages, draft=args.draft, layers=layers,
                                             cache_dir=args.cache_dir, timeouts=timeouts,
-                                            node_args=node_args, recovery_timeout=args.recovery_timeout)
+                                            node_args=node_args, recovery_timeout=args.recovery_timeout,
+                                            **formats(args))
     else:
         from flowspec.config import load_secret
 
         cluster = await Cluster.connect(args.peers, model=args.model, draft=args.draft, cache_dir=args.cache_dir,
                                         secret=load_secret(args.secret_file), timeouts=timeouts,
-                                        recovery_timeout=args.recovery_timeout)
+                                        recovery_timeout=args.recovery_timeout, **formats(args))
     request = Request(args.mode, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                       budget_overrides(args))
     async with cluster:

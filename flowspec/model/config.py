@@ -9,7 +9,7 @@ from typing import Any
 
 from flowspec.errors import ModelError
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")  # one block: RMSNorm, RoPE, GQA attention, SwiGLU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,9 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or 0,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            # Mistral's sliding window: exact only within it, so the context stops there
+            max_position_embeddings=min(cfg.get("max_position_embeddings", 2048),
+                                        cfg.get("sliding_window") or 1 << 30),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # qwen2 always has q/k/v biases; llama only when attention_bias says so
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),

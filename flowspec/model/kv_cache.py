@@ -17,15 +17,21 @@ class KVCache:
     """
 
     def __init__(
-        self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype = torch.float32
+        self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         if capacity <= 0:
             raise ModelError(f"KV cache capacity must be positive, got {capacity}")
         shape = (num_layers, num_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (the whole capacity)."""
+        return self.k.nbytes + self.v.nbytes
 
     def check_room(self, n: int) -> None:
         if self.length + n > self.capacity:
@@ -42,7 +48,7 @@ class KVCache:
 
     def compact(self, start: int, keep: Sequence[int] | torch.Tensor) -> None:
         """Gather slots `keep` (all >= start, in the order given) to [start, start+len(keep)); drop the rest."""
-        idx = torch.as_tensor(keep, dtype=torch.long).reshape(-1)
+        idx = torch.as_tensor(keep, dtype=torch.long).reshape(-1).to(self.k.device)
         if idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < start or hi >= self.length:
@@ -62,7 +68,7 @@ class KVCache:
         L, h, _, d = self.k.shape
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.zeros((L, h, capacity, d), dtype=old.dtype)
+            new = torch.zeros((L, h, capacity, d), dtype=old.dtype, device=old.device)
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
         self.capacity = capacity

@@ -35,8 +35,9 @@ class StageModel(nn.Module):
         return self.end - self.start
 
     def new_cache(self, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
-        dtype = dtype or next(self.parameters()).dtype
-        return KVCache(self.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, capacity, dtype)
+        """A KV cache in the compute dtype, on this stage's device."""
+        return KVCache(self.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, capacity,
+                       dtype or self.embed_dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(
@@ -50,15 +51,28 @@ class StageModel(nn.Module):
         self._check_inputs(x, positions, cache, visible)
         cache.check_room(n)
         start = cache.length
-        h = self.embed(x) if self.embed is not None else x.to(self.embed_dtype)
+        device = self.device  # inputs come off the wire on the CPU
+        h = self.embed(x.to(device)) if self.embed is not None else x.to(device, self.embed_dtype)
         mask = visible
         if mask is None and n > 1:
             mask = causal_visible(start, n)  # new rows are causal among themselves and see the whole cache
-        rope = self.rope(positions, h.dtype)
+        mask = mask.to(device) if mask is not None else None
+        rope = self.rope(positions.to(device), h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache.k[i], cache.v[i], start, mask)
         cache.length = start + n  # only after every layer wrote its slots
         return self.norm(h) if self.norm is not None else h
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter and buffer: what this stage holds in its device's memory besides KV."""
+        return sum(t.nbytes for t in (*self.parameters(), *self.buffers()))
+
+    @property
+    def device(self) -> torch.device:
+        layer = self.layers[0]
+        assert isinstance(layer, DecoderLayer)
+        return layer.attn_norm.weight.device
 
     @property
     def embed_dtype(self) -> torch.dtype:
@@ -94,4 +108,5 @@ class LMHead(nn.Module):
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        anchor = next(t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point())
+        return self.lm_head(hidden.to(anchor.device, anchor.dtype)).float().cpu()

@@ -27,7 +27,7 @@ from flowspec.net.messages import (
 )
 from flowspec.net.transport import DIRECT, Network, Transport
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: stats carry the stage's memory (weights, KV, RSS)
 
 __all__ = [
     "DIRECT", "DTYPE_CODES", "HANDSHAKE_LIMITS", "PROTOCOL_VERSION",

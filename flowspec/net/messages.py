@@ -178,9 +178,13 @@ class Stats:
     kind: ClassVar[str] = "stats"
     req: int
     busy: Busy  # (start, end, step) per compute interval
+    weight_bytes: int = 0  # the stage's resident model weights (its device's memory)
+    kv_bytes: int = 0  # this request's KV cache allocation
+    rss_bytes: int = 0  # the stage process's resident set size (host memory)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": self.kind, "req": self.req, "busy": [list(b) for b in self.busy]}
+        return {"t": self.kind, "req": self.req, "busy": [list(b) for b in self.busy],
+                "weights": self.weight_bytes, "kv": self.kv_bytes, "rss": self.rss_bytes}
 
 
 Message: TypeAlias = (Hello | Auth | Ready | Refuse | Open | Prefill | Segment | Verdict | Close | Ping | Pong
@@ -323,7 +327,9 @@ _PARSERS: dict[str, tuple[tuple[str, ...], _Parser]] = {
     "pong": (("n",), lambda f, lim: Pong(n=f.integer("n"))),
     "error": (("req", "code", "reason"),
               lambda f, lim: Error(req=f.integer("req"), code=f.text("code"), reason=f.text("reason"))),
-    "stats": (("req", "busy"), lambda f, lim: Stats(req=f.integer("req"), busy=f.busy("busy"))),
+    "stats": (("req", "busy", "weights", "kv", "rss"), lambda f, lim: Stats(
+        req=f.integer("req"), busy=f.busy("busy"), weight_bytes=f.integer("weights"), kv_bytes=f.integer("kv"),
+        rss_bytes=f.integer("rss"))),
 }
 
 

@@ -54,6 +54,7 @@ class GenerationResult:
     total_s: float = 0.0
     stats: DecodeStats = field(default_factory=DecodeStats)
     busy: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)  # stage -> intervals
+    stage_memory: dict[int, dict[str, int]] = field(default_factory=dict)  # stage -> weights/kv/rss bytes
     head_busy: list[tuple[float, float, str]] = field(default_factory=list)  # head compute: (start, end, kind)
     bytes_sent: int = 0  # real bytes the head put on the wire for this request
     recoveries: int = 0  # stages lost and replaced during the request
@@ -149,7 +150,7 @@ class RequestDriver:
 
     async def _start(self, actions: list[Action]) -> list[Action]:
         """Open the request on every stage and send the prefill; a lost stage becomes the scheduler's event."""
-        capacity = self.sched.max_context + self.sched.budget.tree_slack + 1
+        capacity = self.sched.stage_capacity
         try:
             for k in range(1, self.links.num_stages + 1):
                 await self.links.send(k, Open(self.req, capacity))
@@ -290,6 +291,7 @@ class RequestDriver:
                     pass
         finally:
             self.result.busy = dict(self.inbox.stats)
+            self.result.stage_memory = dict(self.inbox.memory)
             self.result.finish_reason = self.sched.finish_reason or "cancelled"
             self.result.stats = self.sched.stats
             self.links.close_inbox(self.req)

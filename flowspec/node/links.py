@@ -47,6 +47,7 @@ class Inbox:
 
     items: asyncio.Queue[Message | Event | DraftFailed] = field(default_factory=asyncio.Queue)
     stats: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
+    memory: dict[int, dict[str, int]] = field(default_factory=dict)  # stage -> weights / kv / rss bytes
     stats_done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -164,6 +165,7 @@ class StageLinks:
                 match msg:
                     case Stats(busy=busy):
                         inbox.stats[k] = list(busy)
+                        inbox.memory[k] = {"weights": msg.weight_bytes, "kv": msg.kv_bytes, "rss": msg.rss_bytes}
                         if len(inbox.stats) == self.num_stages:
                             inbox.stats_done.set()
                     case Error(code="ring", reason=reason):

@@ -8,6 +8,7 @@ applied strictly in order between forwards; a segment waits only for the verdict
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -209,7 +210,8 @@ class StageNode:
         self._free(req)  # before it opened here, too: drop what is still on its way
         if r is None:
             return
-        stats = Stats(req, tuple(r.busy[-self.limits.max_list_len:]))
+        stats = Stats(req, tuple(r.busy[-self.limits.max_list_len:]), weight_bytes=self.model.weight_bytes,
+                      kv_bytes=r.cache.nbytes, rss_bytes=resident_bytes())
         self._groups[r.head].create_task(self._send_quietly(r.head, stats), name=f"stage{self.index} stats")
         self.log.info("request.closed", req=req, steps=len(r.busy))
 
@@ -351,6 +353,17 @@ class StageNode:
         if self._next is not None:
             await self._next.close()
         await self.backend.aclose()
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _tensor_bytes(msg: Message) -> int:

@@ -158,6 +158,12 @@ class Scheduler:
         return self.state in (RequestState.DONE, RequestState.ERROR)
 
     @property
+    def stage_capacity(self) -> int:
+        """KV slots each stage allocates for this request: the whole context plus the live tree and rows in
+        flight (one spare for the root of a fresh round)."""
+        return self.max_context + self.budget.tree_slack + 1
+
+    @property
     def idle(self) -> bool:
         """Whether the request expects no event: not prefilling, no segment in flight, no draft job running.
 

@@ -7,8 +7,11 @@ import json
 import os
 import re
 
+import torch
+
 from flowspec.errors import ConfigError, ModelMismatch
 from flowspec.model.drafter import Drafter, random_drafter_model
+from flowspec.model.precision import Precision
 from flowspec.store.load import load_full, load_tokenizer
 from flowspec.store.registry import resolve
 from flowspec.store.weights import read_hf_config
@@ -39,17 +42,21 @@ def check_same_tokenizer(draft: PathLike, target: PathLike, cache_dir: PathLike 
 
 
 def make_drafter(spec: str, target_ref: PathLike, cache_dir: PathLike | None = None, seed: int = 0,
-                 capacity: int = 1024) -> Drafter:
-    """`self`, `self:layers=N`, `random`, or a model name/path sharing the target's tokenizer."""
+                 capacity: int = 1024, precision: Precision = Precision(),
+                 device: torch.device | str = "cpu") -> Drafter:
+    """`self`, `self:layers=N`, `random`, or a model name/path sharing the target's tokenizer, in `precision`
+    on `device` (the head's: the drafter and the lm_head share D0)."""
     if spec == "self":
-        return Drafter(*load_full(target_ref, cache_dir), capacity=capacity, name="self")
+        return Drafter(*load_full(target_ref, cache_dir, None, precision, device), capacity=capacity, name="self")
     m = re.fullmatch(r"self:layers=(\d+)", spec)
     if m:
-        return Drafter(*load_full(target_ref, cache_dir, int(m.group(1))), capacity=capacity, name=spec)
+        parts = load_full(target_ref, cache_dir, int(m.group(1)), precision, device)
+        return Drafter(*parts, capacity=capacity, name=spec)
     if spec == "random":
         vocab = read_hf_config(resolve(target_ref, cache_dir)).vocab_size
-        return Drafter(*random_drafter_model(vocab, seed), capacity=capacity, name="random")
+        model, head = random_drafter_model(vocab, seed)  # tiny: fp32 on the CPU whatever the target's format
+        return Drafter(model, head, capacity=capacity, name="random")
     if spec.startswith("self:"):
         raise ConfigError(f"draft {spec!r}: use self, self:layers=N, random, or a model name/path")
     check_same_tokenizer(spec, target_ref, cache_dir)
-    return Drafter(*load_full(spec, cache_dir), capacity=capacity, name=spec)
+    return Drafter(*load_full(spec, cache_dir, None, precision, device), capacity=capacity, name=spec)

@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 
 from flowspec.errors import ModelError
 from flowspec.model.config import ModelConfig
+from flowspec.model.precision import Precision
+from flowspec.model.quant import Int8Embedding, quantize_module, quantized_linear
 from flowspec.model.stage import LMHead, StageModel
 from flowspec.store.registry import resolve
-from flowspec.store.shard import read_manifest, verify_weights
+from flowspec.store.shard import embedding_names, linear_names, manifest_precision, read_manifest, verify_weights
 from flowspec.store.weights import head_tensors, open_hf_weights, read_hf_config, stage_tensors
 
 PathLike = str | os.PathLike[str]
@@ -28,20 +30,42 @@ def _load_weights(shard_dir: PathLike, man: dict[str, Any]) -> dict[str, torch.T
         raise ModelError(f"cannot read {path} ({e}); the shard is corrupt: split the model again") from e
 
 
-def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: PathLike) -> None:
+def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: PathLike,
+          precision: Precision = Precision()) -> None:
+    """Put stored tensors into a module built on the meta device: with quantization the linears and the
+    embedding are rebuilt from their parts (convert_tensors' layout); everything else is assigned as it is."""
+    quantized = precision.quant != "none"
+    linears = sorted(linear_names(module)) if quantized else []
+    tables = sorted(embedding_names(module)) if quantized else []
     try:
-        module.load_state_dict(tensors, strict=True, assign=True)
+        for name in tables:
+            weight, scales = tensors.pop(f"{name}.weight_int8"), tensors.pop(f"{name}.scales")
+            module.set_submodule(name, Int8Embedding(weight, scales, precision.torch_dtype))
+        for name in linears:
+            parts = {k[len(name) + 1:]: tensors.pop(k) for k in [k for k in tensors if k.startswith(name + ".")]}
+            bias = parts.pop("bias", None)
+            module.set_submodule(name, quantized_linear(parts, precision.quant, precision.group_size, bias))
+    except KeyError as e:
+        raise ModelError(f"{where}: a layer is not stored as {precision.tag} (missing {e}); split again") from e
+    try:
+        result = module.load_state_dict(tensors, strict=not quantized, assign=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise ModelError(f"{where}: weights do not fit the manifest's model ({first}); split the model again") from e
+    rebuilt = [*linears, *tables]
+    missing = [k for k in result.missing_keys if not any(k.startswith(name + ".") for name in rebuilt)]
+    if missing or result.unexpected_keys:
+        raise ModelError(f"{where}: weights do not fit the manifest's model (missing {missing[:3]}, unexpected "
+                         f"{result.unexpected_keys[:3]}); split the model again")
     module.eval().requires_grad_(False)
 
 
 def load_stage(
     shard_dir: PathLike, expect_fingerprint: str | None = None, expect_stage: int | None = None,
-    verify: bool | None = None,
+    verify: bool | None = None, device: torch.device | str = "cpu",
 ) -> StageModel:
-    """A stage (k >= 1) from its shard folder; checks manifest, size and (by default if small) sha256."""
+    """A stage (k >= 1) from its shard folder, in the format it was split in, on `device`; checks manifest,
+    size and (by default if small) sha256."""
     man = read_manifest(shard_dir, expect_fingerprint, expect_stage)
     if man["stage"] == 0:
         raise ModelError(f"{shard_dir} is the head (stage 0); use load_head")
@@ -50,23 +74,24 @@ def load_stage(
     a, b = man["layer_range"]
     with torch.device("meta"):  # no throwaway random init: assign=True puts the real tensors in
         model = StageModel(cfg, a, b, man["has_embedding"], man["has_final_norm"])
-    _fill(model, _load_weights(shard_dir, man), shard_dir)
+    _fill(model, _load_weights(shard_dir, man), shard_dir, manifest_precision(man))
     model.rope.inv_freq = _inv_freq(cfg)
     model.fingerprint = man["fingerprint"]
-    return model
+    return model.to(device)
 
 
 def load_head(
-    shard_dir: PathLike, expect_fingerprint: str | None = None, verify: bool | None = None
+    shard_dir: PathLike, expect_fingerprint: str | None = None, verify: bool | None = None,
+    device: torch.device | str = "cpu",
 ) -> LMHead:
     man = read_manifest(shard_dir, expect_fingerprint, expect_stage=0)
     verify_weights(shard_dir, man, verify)
     cfg = ModelConfig.from_dict(man["config"])
     with torch.device("meta"):
         head = LMHead(cfg)
-    _fill(head, _load_weights(shard_dir, man), shard_dir)
+    _fill(head, _load_weights(shard_dir, man), shard_dir, manifest_precision(man))
     head.fingerprint = man["fingerprint"]
-    return head
+    return head.to(device)
 
 
 def _inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -75,9 +100,11 @@ def _inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def load_full(
-    ref: PathLike, cache_dir: PathLike | None = None, num_layers: int | None = None
+    ref: PathLike, cache_dir: PathLike | None = None, num_layers: int | None = None,
+    precision: Precision = Precision(), device: torch.device | str = "cpu",
 ) -> tuple[StageModel, LMHead]:
-    """The whole model (or its first `num_layers` layers) as one StageModel with embedding + final norm."""
+    """The whole model (or its first `num_layers` layers) as one StageModel with embedding + final norm, converted
+    to `precision` in memory (drafters: D0 holds the draft model whole) and put on `device`."""
     folder = resolve(ref, cache_dir)
     cfg = read_hf_config(folder)
     n = cfg.num_layers if num_layers is None else num_layers
@@ -93,7 +120,14 @@ def load_full(
         else:
             _fill(head, head_tensors(get, cfg), folder)
     model.rope.inv_freq = _inv_freq(cfg)
-    return model, head
+    if not precision.exact:
+        if cfg.tie_word_embeddings:  # the head gets its own (quantized) copy; the embedding stays a table
+            head.lm_head.weight = torch.nn.Parameter(head.lm_head.weight.detach().clone(), requires_grad=False)
+        for part in (model, head):
+            if precision.quant != "none":  # from the fp32 weights, before the rest is cast
+                quantize_module(part, precision.quant, precision.group_size, precision.torch_dtype)
+            part.to(precision.torch_dtype)
+    return model.to(device), head.to(device)
 
 
 def load_tokenizer(ref: PathLike, cache_dir: PathLike | None = None) -> Any:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from flowspec.errors import ModelError, ModelMismatch, ModelNotInstalled
@@ -165,4 +166,78 @@ def _check_single(path: Path, spec: ModelSpec) -> None:
         raise ModelMismatch(f"{path} has sha256 {got}, expected {spec.sha256}; reinstall its package")
 
 
-__all__ = ["pull", "assemble", "convert", "locate_parts", "cache_dir"]
+def add_model(source: str | os.PathLike[str], name: str, cache: str | os.PathLike[str] | None = None,
+              force: bool = False) -> Path:
+    """`flowspec models add PATH --name NAME`: a local GGUF file (converted like `pull`) or an HF folder of a
+    Llama-, Qwen2- or Mistral-architecture model (copied), into <cache>/models/<name>/; refused with a message
+    naming what is missing when flowspec cannot run it exactly."""
+    from flowspec.store.registry import REGISTRY
+
+    src = Path(source).expanduser()
+    if not name or "/" in name or name.startswith("."):
+        raise ModelError(f"--name {name!r}: give a plain name such as my-llama")
+    if name in REGISTRY:
+        raise ModelError(f"{name!r} is a registered model; pick another --name (or run: flowspec models pull {name})")
+    final = model_dir(name, cache)
+    if (final / RECEIPT).is_file() and not force:
+        raise ModelError(f"a model named {name!r} is already in {final.parent}; pass --force to replace it")
+    if not src.exists():
+        raise ModelError(f"{src} does not exist: give a .gguf file or an HF folder (config.json + *.safetensors)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".add-{name}-", dir=final.parent))
+    try:
+        if src.is_file():
+            if src.suffix != ".gguf":
+                raise ModelError(f"{src} is not a .gguf file; give a GGUF file or an HF model folder")
+            print(f"converting {src.name} to fp32 safetensors (once)...", file=sys.stderr)
+            try:
+                convert(src, tmp)
+            except (ValueError, KeyError, OSError, RuntimeError) as e:
+                raise ModelError(f"{src}: transformers cannot read this GGUF ({str(e).splitlines()[0]})") from e
+        else:
+            _copy_hf_folder(src, tmp)
+        _check_runnable(tmp)
+        receipt = {"name": name, "source": str(src.resolve()), "fingerprint": compute_fingerprint(tmp)}
+        (tmp / RECEIPT).write_text(json.dumps(receipt, indent=2))
+        tmp.chmod(0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _copy_hf_folder(src: Path, out: Path) -> None:
+    if not (src / "config.json").is_file():
+        raise ModelError(f"{src} has no config.json: not an HF model folder")
+    if not any(src.glob("*.safetensors")):
+        raise ModelError(f"{src} has no *.safetensors weights (flowspec reads safetensors, never pickles)")
+    for f in src.iterdir():
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".txt", ".model") or f.name == "tokenizer.model"):
+            shutil.copy2(f, out / f.name)
+
+
+def _check_runnable(folder: Path) -> None:
+    """The architecture is one we run exactly, every weight our layout needs is there, and it has a tokenizer."""
+    from flowspec.store.weights import head_tensors, open_hf_weights, read_hf_config, stage_tensors
+
+    cfg = read_hf_config(folder)  # refuses other architectures, activations and RoPE types by name
+    with open_hf_weights(folder) as get:
+        stage_tensors(_names_only(get), cfg, 0, cfg.num_layers, True, True)
+        head_tensors(_names_only(get), cfg)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelError(f"{folder.name}: no tokenizer files (tokenizer.json); the head needs the tokenizer")
+
+
+def _names_only(get: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """A getter that checks a weight is present and returns an empty stand-in (a missing one raises ModelError)."""
+
+    def check(name: str) -> torch.Tensor:
+        get(name)
+        return torch.empty(0)
+
+    return check
+
+
+__all__ = ["add_model", "pull", "assemble", "convert", "locate_parts", "cache_dir"]

@@ -89,6 +89,9 @@ def resolve(ref: str | os.PathLike[str], cache: str | os.PathLike[str] | None = 
         if not (folder / RECEIPT).is_file():
             raise ModelNotInstalled(f"model {ref_s!r} is not installed in {folder.parent}; run: flowspec models pull {ref_s}")
         return folder
+    added = model_dir(ref_s, cache)
+    if os.sep not in ref_s and (added / RECEIPT).is_file():  # a model added with `flowspec models add`
+        return added
     folder = Path(ref_s).expanduser()
     if not folder.is_dir():
         raise ModelError(
@@ -148,4 +151,12 @@ def list_models(cache: str | os.PathLike[str] | None = None) -> list[dict[str, o
             out.append({"name": name, "installed": True, "path": str(folder), "bytes": size, "fingerprint": fp})
         else:
             out.append({"name": name, "installed": False, "path": str(folder), "bytes": 0, "fingerprint": None})
+    models = cache_dir(cache) / "models"
+    for receipt in sorted(models.glob(f"*/{RECEIPT}")) if models.is_dir() else []:
+        folder = receipt.parent
+        if folder.name in REGISTRY or folder.name.startswith("."):
+            continue
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        out.append({"name": folder.name, "installed": True, "path": str(folder), "bytes": size,
+                    "fingerprint": json.loads(receipt.read_text())["fingerprint"]})
     return out

@@ -19,6 +19,9 @@ from safetensors.torch import save_file
 
 from flowspec.errors import ConfigError, ModelError, ModelMismatch
 from flowspec.model.config import ModelConfig
+from flowspec.model.precision import Precision
+from flowspec.model.quant import quantize_weight
+from flowspec.model.stage import LMHead, StageModel
 from flowspec.store.registry import cache_dir, model_fingerprint, model_name, resolve, sha256_file
 from flowspec.store.weights import head_tensors, open_hf_weights, read_hf_config, stage_tensors
 
@@ -48,11 +51,68 @@ def plan_layers(num_layers: int, layers: list[int] | None, num_stages: int | Non
     return list(layers)
 
 
-def default_shard_dir(folder: Path, counts: list[int], cache: str | os.PathLike[str] | None) -> Path:
+def _linear_bytes(out_features: int, in_features: int, precision: Precision) -> int:
+    """Stored (and resident) bytes of one linear weight: quant.py's layouts, int8 plus a bfloat16 scale per row;
+    int4 two per byte plus a bfloat16 scale and zero per group and row."""
+    scale = 2
+    if precision.quant == "int8":
+        return out_features * in_features + out_features * scale
+    if precision.quant == "int4":
+        return out_features * in_features // 2 + 2 * scale * out_features * (in_features // precision.group_size)
+    return out_features * in_features * precision.torch_dtype.itemsize
+
+
+def plan_bytes(cfg: ModelConfig, counts: list[int], precision: Precision, context: int) -> list[dict[str, Any]]:
+    """Per part (head, stage 1..N): weight bytes in `precision` and KV-cache bytes at `context` tokens."""
+    h, item = cfg.hidden_size, precision.torch_dtype.itemsize
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    layer = (_linear_bytes(qkv, h, precision) + _linear_bytes(h, cfg.num_heads * cfg.head_dim, precision)
+             + _linear_bytes(2 * cfg.intermediate_size, h, precision) + _linear_bytes(h, cfg.intermediate_size, precision)
+             + 2 * h * item + (qkv * item if cfg.attention_bias else 0))
+    kv_per_layer = 2 * cfg.num_kv_heads * cfg.head_dim * context * item
+    rows = [{"part": "head", "layers": 0, "weights": _linear_bytes(cfg.vocab_size, h, precision), "kv": 0}]
+    for k, n in enumerate(counts, start=1):
+        table = cfg.vocab_size * (h + 2) if precision.quant != "none" else cfg.vocab_size * h * item  # int8 rows
+        extra = (table if k == 1 else 0) + (h * item if k == len(counts) else 0)
+        rows.append({"part": f"stage {k}", "layers": n, "weights": n * layer + extra, "kv": n * kv_per_layer})
+    return rows
+
+
+def default_shard_dir(folder: Path, counts: list[int], cache: str | os.PathLike[str] | None,
+                      precision: Precision = Precision()) -> Path:
     name = model_name(folder)
     if not (folder / "flowspec-model.json").is_file():
         name = f"{name}-{model_fingerprint(folder)[:8]}"  # path refs: keep same-named folders apart
-    return cache_dir(cache) / "shards" / name / "-".join(map(str, counts))
+    split = "-".join(map(str, counts))
+    return cache_dir(cache) / "shards" / name / (split if precision.exact else f"{split}-{precision.tag}")
+
+
+def linear_names(module: torch.nn.Module) -> set[str]:
+    """Module paths of the nn.Linear layers: the weights that quantization converts (int8 or int4)."""
+    return {name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def embedding_names(module: torch.nn.Module) -> set[str]:
+    """Module paths of the nn.Embedding tables: stored int8 per row under quantization."""
+    return {name for name, m in module.named_modules() if isinstance(m, torch.nn.Embedding)}
+
+
+def convert_tensors(tensors: dict[str, torch.Tensor], linears: set[str],
+                    precision: Precision) -> dict[str, torch.Tensor]:
+    """fp32 tensors in our layout -> the stored format: floats in the compute dtype, and with quantization each
+    linear weight `NAME.weight` replaced by `quantize_weight`'s tensors stored as `NAME.<key>`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        if precision.quant != "none" and key == "embed.weight":
+            for part, value in quantize_weight(tensor, "int8").items():
+                out[f"embed.{part}"] = value
+        elif precision.quant != "none" and leaf == "weight" and module in linears:
+            for part, value in quantize_weight(tensor, precision.quant, precision.group_size).items():
+                out[f"{module}.{part}"] = value
+        else:
+            out[key] = tensor.to(precision.torch_dtype) if tensor.is_floating_point() else tensor
+    return out
 
 
 def split_model(
@@ -61,28 +121,45 @@ def split_model(
     num_stages: int | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    precision: Precision = Precision(),
+    progress: bool = False,
 ) -> Path:
-    """Write stage-0..N shards of `ref` and return their parent folder (built in a temp dir, then renamed)."""
+    """Write stage-0..N shards of `ref`, already in `precision`'s format (a device never loads fp32 to convert),
+    and return their parent folder (built in a temp dir, then renamed)."""
     folder = resolve(ref, cache_dir)
     cfg = read_hf_config(folder)
     name, fp = model_name(folder), model_fingerprint(folder)
     counts = plan_layers(cfg.num_layers, layers, num_stages, name)
-    out = Path(out_dir) if out_dir else default_shard_dir(folder, counts, cache_dir)
+    out = Path(out_dir) if out_dir else default_shard_dir(folder, counts, cache_dir, precision)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".split-{out.name}-", dir=out.parent))
     try:
-        base = {"format_version": FORMAT_VERSION, "model": name, "fingerprint": fp,
-                "num_stages": len(counts), "layers": counts, "dtype": "float32", "config": cfg.to_dict()}
+        base = {"format_version": FORMAT_VERSION, "model": name, "fingerprint": fp, "num_stages": len(counts),
+                "layers": counts, "dtype": precision.dtype, "quant": precision.quant,
+                "group_size": precision.group_size, "config": cfg.to_dict()}
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(counts) + 1, desc=f"split {name} ({precision.tag})", unit="shard",
+                   disable=not progress)
+        with torch.device("meta"):
+            head_linears = linear_names(LMHead(cfg))
         with open_hf_weights(folder) as get:
-            _write(tmp / "stage-0", head_tensors(get, cfg), {**base, "stage": 0, "layer_range": [0, 0],
-                   "has_embedding": False, "has_final_norm": False, "has_lm_head": True})
+            _write(tmp / "stage-0", convert_tensors(head_tensors(get, cfg), head_linears, precision),
+                   {**base, "stage": 0, "layer_range": [0, 0], "has_embedding": False, "has_final_norm": False,
+                    "has_lm_head": True})
+            bar.update(1)
             start = 0
             for k, n in enumerate(counts, start=1):
                 last = k == len(counts)
-                tensors = stage_tensors(get, cfg, start, start + n, k == 1, last)
+                with torch.device("meta"):
+                    linears = linear_names(StageModel(cfg, start, start + n, k == 1, last))
+                tensors = convert_tensors(stage_tensors(get, cfg, start, start + n, k == 1, last), linears,
+                                          precision)
                 _write(tmp / f"stage-{k}", tensors, {**base, "stage": k, "layer_range": [start, start + n],
                        "has_embedding": k == 1, "has_final_norm": last, "has_lm_head": False})
                 start += n
+                bar.update(1)
+        bar.close()
         tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
@@ -109,20 +186,21 @@ def _write(folder: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, A
 
 def ensure_shards(
     ref: str | os.PathLike[str], layers: list[int] | None = None, cache_dir: str | os.PathLike[str] | None = None,
-    num_stages: int | None = None,
+    num_stages: int | None = None, precision: Precision = Precision(),
 ) -> Path:
-    """The default shard folder for (ref, layers): reused when complete and of the same model, else split."""
+    """The default shard folder for (ref, layers, precision): reused when complete and of the same model, else
+    split."""
     folder = resolve(ref, cache_dir)
     cfg = read_hf_config(folder)
     counts = plan_layers(cfg.num_layers, layers, num_stages, model_name(folder))
-    out = default_shard_dir(folder, counts, cache_dir)
+    out = default_shard_dir(folder, counts, cache_dir, precision)
     try:
         fp = model_fingerprint(folder)
         if all(read_manifest(out / f"stage-{k}", expect_fingerprint=fp, expect_stage=k) for k in range(len(counts) + 1)):
             return out
     except ModelError:
         pass  # missing or stale: split again
-    return split_model(folder, counts, None, out, cache_dir)
+    return split_model(folder, counts, None, out, cache_dir, precision)
 
 
 def read_manifest(
@@ -154,6 +232,12 @@ def read_manifest(
         raise ModelMismatch(f"{weights} is {weights.stat().st_size:,} bytes but its manifest says "
                             f"{man['bytes']:,} (truncated or replaced); split the model again")
     return man
+
+
+def manifest_precision(man: dict[str, Any]) -> Precision:
+    """The format a shard's weights are stored in (shards written before formats existed are float32)."""
+    return Precision(str(man.get("dtype", "float32")), str(man.get("quant", "none")),
+                     int(man.get("group_size", Precision().group_size)))
 
 
 # hashing runs at >1 GB/s; below this size a full check costs well under a second

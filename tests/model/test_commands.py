@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowspec.store.commands import add_commands
+from flowspec.cli.models import add_commands
 
 
 def run(argv: list[str]) -> int:

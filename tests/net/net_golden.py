@@ -86,9 +86,10 @@ GOLDEN: list[tuple[Message, bytes]] = [
      frame(b"\x86" + s("t") + s("prefill") + s("req") + b"\x01" + s("chunk") + b"\x01" + s("last") + b"\xc2"
            + s("start") + b"\x06" + s("x")
            + b"\xc7\x0e\x01\x03\x02\x00\x00\x00\x01\x00\x00\x00\x02\x00\x3f\x80\x3f")),
-    (Stats(req=1, busy=((0.5, 1.0, 3),)),
-     frame(b"\x83" + s("t") + s("stats") + s("req") + b"\x01" + s("busy")
-           + b"\x91\x93\xcb\x3f\xe0" + bytes(6) + b"\xcb\x3f\xf0" + bytes(6) + b"\x03")),
+    (Stats(req=1, busy=((0.5, 1.0, 3),), weight_bytes=7, kv_bytes=8, rss_bytes=9),
+     frame(b"\x86" + s("t") + s("stats") + s("req") + b"\x01" + s("busy")
+           + b"\x91\x93\xcb\x3f\xe0" + bytes(6) + b"\xcb\x3f\xf0" + bytes(6) + b"\x03"
+           + s("weights") + b"\x07" + s("kv") + b"\x08" + s("rss") + b"\x09")),
 ]
 
 

@@ -68,9 +68,12 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"t": "hello", "version": 1, "role": "stage", "index": 0, "fingerprint": "f", "nonce": bytes(15)},
      "hello.nonce: expected 16 bytes"),
     ({"t": "auth", "mac": "00" * 16}, "auth.mac: expected 32 bytes"),
-    ({"t": "stats", "req": 1, "busy": [[0.0, 1.0]]}, "stats.busy: entry"),
-    ({"t": "stats", "req": 1, "busy": [[0.0, "1", 2]]}, "stats.busy: entry"),
-    ({"t": "stats", "req": 1, "busy": [[0.0, 1.0, 2]] * (LIMITS.max_list_len + 1)}, "malformed msgpack|stats.busy"),
+    ({"t": "stats", "req": 1, "busy": [[0.0, 1.0]], "weights": 0, "kv": 0, "rss": 0}, "stats.busy: entry"),
+    ({"t": "stats", "req": 1, "busy": [[0.0, "1", 2]], "weights": 0, "kv": 0, "rss": 0}, "stats.busy: entry"),
+    ({"t": "stats", "req": 1, "busy": [[0.0, 1.0, 2]] * (LIMITS.max_list_len + 1), "weights": 0, "kv": 0,
+      "rss": 0}, "malformed msgpack|stats.busy"),
+    ({"t": "stats", "req": 1, "busy": [], "weights": -1, "kv": 0, "rss": 0}, "stats.weights"),
+    ({"t": "stats", "req": 1, "busy": []}, "stats: wrong fields"),
 ]
 
 
