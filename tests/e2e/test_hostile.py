@@ -110,8 +110,8 @@ CASES: list[tuple[str, bool, bytes, bool, str]] = [
                                          "parents": ids(3), "pos": ids(2), "x": ids(3)}), False, "segment.pos"),
     ("lying length prefix", True, struct.pack(">I", 40) + msgpack.packb({"t": "close", "req": 1})
      + frame({"t": "close", "req": 2}) * 3, False, "net.link_failed"),
-    ("a kind the stage does not take", True, frame({"t": "stats", "req": 1, "busy": []}), False,
-     "does not accept Stats"),
+    ("a kind the stage does not take", True,
+     frame({"t": "stats", "req": 1, "busy": [], "weights": 0, "kv": 0, "rss": 0}), False, "does not accept Stats"),
 ]
 
 
