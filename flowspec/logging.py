@@ -23,5 +23,6 @@ def configure_logging(level: str | None = None) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.WARNING)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # no caching: an app that embeds flowspec (or a test's capture_logs) can reconfigure structlog later
+        cache_logger_on_first_use=False,
     )
