@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,9 @@ from flowspec.node.head import GenerationResult, HeadNode
 from flowspec.node.local import LocalCluster
 from flowspec.sched import Budget, Mode, SamplingParams
 
-__all__ = ["Cluster", "GenerationResult", "Request", "default_draft"]
+__all__ = ["Cluster", "GenerationResult", "Request", "WaitingCallback", "default_draft"]
+
+WaitingCallback = Callable[[int, str, float], None]  # (stage, address, seconds waited so far)
 
 _DEFAULT_DRAFTS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b", "smollm2-135m": "self:layers=20"}
 
@@ -99,8 +101,12 @@ class Cluster:
                       cache_dir: str | None = None, secret: bytes | None = None, timeouts: Timeouts | None = None,
                       step_timeout: float = 60.0, recovery_timeout: float = 30.0,
                       backend: Backend | None = None, device: str = "auto", dtype: str = "auto",
-                      quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE) -> Cluster:
+                      quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE,
+                      on_waiting: WaitingCallback | None = None) -> Cluster:
         """Connect to running `flowspec-node` processes listed in a peers file (the head is line 1).
+
+        A stage that is not up yet (booting, restarting) is waited for, retrying with backoff, for up to
+        `recovery_timeout` seconds; `on_waiting(stage, address, seconds_waited)` is told while it waits.
 
         `draft` is a draft spec (see `default_draft`) or an already loaded Drafter. `timeouts` are the head's
         link deadlines (heartbeats); a lost stage is waited for (restarted, or a standby= address) up to
@@ -113,19 +119,20 @@ class Cluster:
         precisions = precisions_for(parsed, dtype, quant, group_size, device)
         dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir, precisions, prepare=[0])
         return await cls._connect(parsed, dep, draft, cache_dir, secret or load_secret(), timeouts, step_timeout,
-                                  recovery_timeout, backend or Backend(), device, None)
+                                  recovery_timeout, backend or Backend(), device, None, on_waiting)
 
     @classmethod
     async def _connect(cls, peers: Peers, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
                        secret: bytes | None, timeouts: Timeouts | None, step_timeout: float,
                        recovery_timeout: float, backend: Backend, device: str,
-                       local: LocalCluster | None) -> Cluster:
+                       local: LocalCluster | None, on_waiting: WaitingCallback | None = None) -> Cluster:
         head_device = device_for(peers, 0, device)
         head = build_head(dep, peers, secret, timeouts or Timeouts(), step_timeout=step_timeout,
                           recovery_timeout=recovery_timeout, backend=backend, device=head_device)
         # the tokenizer first: loading it blocks the loop for seconds on a busy CPU, and with the links already
         # up that missed their heartbeats (every stage dropped the head; the first request needed a recovery)
         cluster = cls(head, dep, draft, cache_dir, local, head_device)
+        head.links.on_waiting = on_waiting
         try:
             await head.connect()
         except BaseException:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowspec.errors import ConfigError
+from flowspec.net.link import format_address
 
 __all__ = ["Peer", "Peers", "load_secret", "parse_peers", "read_peers", "split_address"]
 
@@ -37,7 +39,7 @@ class Peer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     @property
     def standbys(self) -> list[tuple[str, int]]:
@@ -124,15 +126,32 @@ def parse_peers(text: str, source: str = "<peers>") -> Peers:
     if len(peers) < 2:
         raise ConfigError(f"{source}: needs at least two lines (the head, then one stage or more); "
                           f"found {len(peers)}")
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, int], Peer] = {}
     for peer in peers[1:]:
-        if peer.address in seen:
-            raise ConfigError(f"{source}:{peer.line}: {peer.address} is already stage line {seen[peer.address]}")
-        seen[peer.address] = peer.line
+        for ip in _resolved(peer.host):
+            earlier = seen.get((ip, peer.port))
+            if earlier is not None:
+                same = "" if earlier.host == peer.host else f" (as {earlier.address}, both {format_address(ip, peer.port)})"
+                raise ConfigError(f"{source}:{peer.line}: {peer.address} is already stage line {earlier.line}{same}")
+            seen[(ip, peer.port)] = peer
     for key in ("layers", "standby"):
         if key in peers[0].options:
             raise ConfigError(f"{source}:{peers[0].line}: the head holds no target layers; drop {key}= there")
     return Peers(peers[0], tuple(peers[1:]), source)
+
+
+def _resolved(host: str) -> set[str]:
+    """The IP addresses a host name stands for (so `localhost` and `127.0.0.1` are one address); the name itself
+    when it does not resolve here (it may on the devices)."""
+    try:
+        return {ipaddress.ip_address(host).compressed}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return {host.lower()}
+    return {ipaddress.ip_address(str(info[4][0]).split("%")[0]).compressed for info in infos}
 
 
 def read_peers(path: str | os.PathLike[str]) -> Peers:

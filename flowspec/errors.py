@@ -51,5 +51,10 @@ class StageFailed(FlowSpecError):
     """A stage died or its link broke and no replacement came in time."""
 
 
+class RequestRejected(FlowSpecError):
+    """The cluster cannot serve this request as asked (longer than the model's context, bad arguments).
+    Nothing was sent: retrying it unchanged fails the same way."""
+
+
 class RequestCancelled(FlowSpecError):
     """The request was cancelled by its client."""

@@ -22,7 +22,7 @@ REFERENCE_MODES = ("hf", "hf-assisted")
 
 
 def add_bench_command(sub: Any) -> None:
-    from flowspec.cli.options import add_budget_args, add_precision_args
+    from flowspec.cli.options import add_budget_args, add_precision_args, positive_int
 
     p = sub.add_parser("bench", help="benchmark decoding modes side by side on an emulated edge testbed",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
@@ -43,7 +43,7 @@ examples:
     p.add_argument("--modes", default="ar,chunk,pipedec,flowspec",
                    help="comma list of ar, chunk, pipedec, flowspec, and single-process references hf "
                         "(transformers generate) and hf-assisted (assisted generation with --draft)")
-    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--stages", type=positive_int, default=4)
     p.add_argument("--layers", help="layers per stage, e.g. 8,8,7,7 (default balanced)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--draft", help="draft for chunk/pipedec/flowspec/hf-assisted (default: the model's usual)")
@@ -52,8 +52,8 @@ examples:
     p.add_argument("--dilation", type=float, help="time dilation D (default: calibrated with --margin)")
     p.add_argument("--margin", type=float, default=1.3, help="calibration headroom: D = margin × worst ratio")
     p.add_argument("--prompts", default="data/specbench", help="folder of Spec-Bench *.jsonl files")
-    p.add_argument("--per-task", type=int, default=1, help="prompts taken from each *.jsonl (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--per-task", type=positive_int, default=1, help="prompts taken from each *.jsonl (default 1)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
     p.add_argument("--threads", type=int, default=1,

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from flowspec.api import Cluster, Request
-from flowspec.cli.options import add_precision_args, formats
+from flowspec.cli.options import add_precision_args, formats, positive_int
 from flowspec.node.head import GenerationResult
 
 __all__ = ["add_demo_command"]
@@ -22,9 +22,9 @@ def add_demo_command(sub: Any) -> None:
                                    "--mode flowspec and with --mode ar, and print both speeds.")
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--draft", default=None, help="default: qwen2.5-coder-0.5b for the Qwen target")
-    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--stages", type=positive_int, default=4)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--cache-dir")
     # int4: the fastest format here (Qwen-1.5B ar decode 7.8 tok/s vs 2.0 in fp32, BENCHMARKS.md), and on this
     # prompt flowspec's answer equals ar's at int4; --quant none --dtype float32 is the exact format

@@ -10,7 +10,52 @@ if TYPE_CHECKING:
     from flowspec.node.head import GenerationResult
     from flowspec.prompts import Prompt
 
-__all__ = ["add_budget_args", "add_precision_args", "budget_overrides", "formats", "result_row"]
+__all__ = ["add_budget_args", "add_precision_args", "add_sampling_args", "budget_overrides", "formats",
+           "positive_int", "result_row"]
+
+
+# Argument types: a bad value is a one-line usage error from argparse, before anything starts or connects.
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def temperature(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {value:g}")
+    return value
+
+
+def top_p(text: str) -> float:
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = no nucleus cut), got {value:g}")
+    return value
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
+                   help=f"tokens to generate at most (default {max_new_tokens})")
+    p.add_argument("--temperature", type=temperature, default=0.0,
+                   help="0 = greedy (identical to transformers); > 0 samples the target's distribution exactly")
+    p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; a run is reproducible from it")
 
 
 def add_precision_args(p: argparse.ArgumentParser, *, device: bool = True, quant: str = "none") -> None:
@@ -25,7 +70,7 @@ def add_precision_args(p: argparse.ArgumentParser, *, device: bool = True, quant
                         "--quant (default auto)")
     g.add_argument("--quant", default=quant, choices=QUANTS,
                    help=f"weight-only quantization of every linear layer for CPU stages and the head (default {quant})")
-    g.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+    g.add_argument("--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE,
                    help=f"int4 group size (default {DEFAULT_GROUP_SIZE}, measured: see BENCHMARKS.md)")
 
 
@@ -43,14 +88,14 @@ _BUDGET_FLAGS = {  # flag -> Budget field
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tree budgets (defaults suit CPU stages; see BENCHMARKS.md)")
-    g.add_argument("--tree-tokens", type=int, help="draft nodes in a round's first tree (chunk, flowspec)")
-    g.add_argument("--topk", type=int, help="children per node per level, and the beam width")
-    g.add_argument("--depth", type=int, help="beam levels after the first top-k level")
-    g.add_argument("--expand-tokens", type=int, help="draft nodes per dynamic expansion (flowspec)")
-    g.add_argument("--expand-depth", type=int, help="beam levels per expansion (flowspec)")
-    g.add_argument("--segment", type=int, help="max tree nodes per pipeline segment (flowspec)")
-    g.add_argument("--width", type=int, help="nodes per tree layer (pipedec)")
-    g.add_argument("--in-flight", type=int, help="segments in the pipeline at once (default stages + 1)")
+    g.add_argument("--tree-tokens", type=positive_int, help="draft nodes in a round's first tree (chunk, flowspec)")
+    g.add_argument("--topk", type=positive_int, help="children per node per level, and the beam width")
+    g.add_argument("--depth", type=positive_int, help="beam levels after the first top-k level")
+    g.add_argument("--expand-tokens", type=positive_int, help="draft nodes per dynamic expansion (flowspec)")
+    g.add_argument("--expand-depth", type=positive_int, help="beam levels per expansion (flowspec)")
+    g.add_argument("--segment", type=positive_int, help="max tree nodes per pipeline segment (flowspec)")
+    g.add_argument("--width", type=positive_int, help="nodes per tree layer (pipedec)")
+    g.add_argument("--in-flight", type=positive_int, help="segments in the pipeline at once (default stages + 1)")
     g.add_argument("--eager-root", action="store_const", const=True, default=None,
                    help="flowspec: send a round's root before its tree is drafted (for fast drafters)")
     g.add_argument("--expand-from-leaf", action="store_const", const=True, default=None,

@@ -9,7 +9,15 @@ import sys
 from typing import Any
 
 from flowspec.api import Cluster, Request
-from flowspec.cli.options import add_budget_args, add_precision_args, budget_overrides, formats, result_row
+from flowspec.cli.options import (
+    add_budget_args,
+    add_precision_args,
+    add_sampling_args,
+    budget_overrides,
+    formats,
+    positive_int,
+    result_row,
+)
 from flowspec.errors import ConfigError
 from flowspec.net import Timeouts
 from flowspec.node.head import GenerationResult
@@ -31,7 +39,7 @@ examples:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="start the stages as local processes on loopback")
     where.add_argument("--peers", help="peers file of running flowspec-node processes")
-    p.add_argument("--stages", type=int, default=4, help="stage processes for --local (default 4)")
+    p.add_argument("--stages", type=positive_int, default=4, help="stage processes for --local (default 4)")
     p.add_argument("--layers", help="layers per stage for --local, e.g. 8,8,7,7 (default balanced)")
     p.add_argument("--model", default="smollm2-135m", help="target model name or HF folder")
     p.add_argument("--draft", help="draft: a model sharing the target's tokenizer, self, self:layers=N, random")
@@ -39,12 +47,9 @@ examples:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="one user message")
     what.add_argument("--prompt-file", help="Spec-Bench JSONL: each line's first turn is a user message")
-    p.add_argument("--limit", type=int, help="only the first N prompts of --prompt-file")
+    p.add_argument("--limit", type=positive_int, help="only the first N prompts of --prompt-file")
     p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (identical to transformers)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; a run is reproducible from it")
+    add_sampling_args(p, max_new_tokens=128)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, no streaming")
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
     p.add_argument("--secret-file", help="shared secret for --peers (else $FLOWSPEC_SECRET)")
@@ -78,9 +83,14 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         from flowspec.config import load_secret
 
-        cluster = await Cluster.connect(args.peers, model=args.model, draft=args.draft, cache_dir=args.cache_dir,
-                                        secret=load_secret(args.secret_file), timeouts=timeouts,
-                                        recovery_timeout=args.recovery_timeout, **formats(args))
+        status = WaitStatus()
+        try:
+            cluster = await Cluster.connect(args.peers, model=args.model, draft=args.draft,
+                                            cache_dir=args.cache_dir, secret=load_secret(args.secret_file),
+                                            timeouts=timeouts, recovery_timeout=args.recovery_timeout,
+                                            on_waiting=status, **formats(args))
+        finally:
+            status.done()
     request = Request(args.mode, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                       budget_overrides(args))
     async with cluster:
@@ -99,6 +109,32 @@ async def _run(args: argparse.Namespace) -> int:
                   f"ttft {row['ttft_s']} s, {row['tokens_per_step']} tokens/step, "
                   f"mean accepted {row['mean_accepted']}, stage busy {row['utilization']}", file=sys.stderr)
     return 0
+
+
+class WaitStatus:
+    """The one-line "waiting for stage K at host:port (n s)" status while a stage is not up yet: rewritten in
+    place on a terminal while connecting, a line every few seconds otherwise (and during a recovery, when
+    answer text is on the screen)."""
+
+    EVERY_S = 5.0
+
+    def __init__(self) -> None:
+        self.inline = sys.stderr.isatty()
+        self.shown: tuple[int, float] | None = None  # (stage, waited_s) last shown
+
+    def __call__(self, stage: int, address: str, waited_s: float) -> None:
+        if not self.inline and self.shown is not None and self.shown[0] == stage \
+                and 0 <= waited_s - self.shown[1] < self.EVERY_S:
+            return
+        line = f"waiting for stage {stage} at {address} ({waited_s:.0f} s)"
+        sys.stderr.write(f"\r{line}\x1b[K" if self.inline else line + "\n")
+        sys.stderr.flush()
+        self.shown = (stage, waited_s)
+
+    def done(self) -> None:
+        if self.inline and self.shown is not None:
+            sys.stderr.write("\n")
+        self.inline, self.shown = False, None
 
 
 def run_command(args: argparse.Namespace) -> int:

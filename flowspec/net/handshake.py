@@ -24,7 +24,23 @@ from flowspec.net.messages import Auth, Hello, Message, Ready, Refuse
 __all__ = ["Handshake", "HandshakeState", "LISTENING_ROLES", "compute_mac"]
 
 LISTENING_ROLES = ("stage", "relay")  # the head only connects out (docs/ARCHITECTURE.md, Connections)
-_SPLIT_HINT = "run both with the same model and split"
+_SPLIT_HINT = "start every node with the same model and split (layers=), in the same formats (dtype/quant)"
+# A pipeline fingerprint is `/`-joined fields in this order (flowspec.node.build.deployment makes it); the
+# formats field is absent for an all-float32 pipeline.
+_FINGERPRINT_FIELDS = ("model hash", "layer split", "number formats (head,stage1,..)")
+_FP32_FORMATS = "float32 everywhere"
+
+
+def fingerprint_difference(first: str, second: str) -> str:
+    """Which fields of two pipeline fingerprints differ, each as `name first vs second`."""
+    a, b = first.split("/"), second.split("/")
+    if len(a) > len(_FINGERPRINT_FIELDS) or len(b) > len(_FINGERPRINT_FIELDS):
+        return f"fingerprint {first} vs {second}"
+    default = ["", "", _FP32_FORMATS]
+    a += default[len(a):]
+    b += default[len(b):]
+    parts = [f"{name} {x} vs {y}" for name, x, y in zip(_FINGERPRINT_FIELDS, a, b) if x != y]
+    return "; ".join(parts) or f"fingerprint {first} vs {second}"
 
 
 class HandshakeState(enum.Enum):
@@ -98,11 +114,12 @@ class Handshake:
                 f"protocol version mismatch: peer {_who(peer)} speaks v{peer.version}, this node speaks "
                 f"v{own.version}; upgrade flowspec so both ends match")
         if peer.fingerprint != own.fingerprint:
+            mine, theirs = own.fingerprint, peer.fingerprint
             return self._fail(
-                "fingerprint", f"model fingerprint mismatch: this {_who(own)} serves {own.fingerprint[:12]}.., "
-                               f"you have {peer.fingerprint[:12]}.. — {_SPLIT_HINT}",
-                f"model fingerprint mismatch: peer {_who(peer)} serves {peer.fingerprint[:12]}.., this node "
-                f"has {own.fingerprint[:12]}.. — {_SPLIT_HINT}")
+                "fingerprint", f"model fingerprint mismatch, this {_who(own)} vs you ({_who(peer)}): "
+                               f"{fingerprint_difference(mine, theirs)} — {_SPLIT_HINT}",
+                f"model fingerprint mismatch, peer {_who(peer)} vs this node: "
+                f"{fingerprint_difference(theirs, mine)} — {_SPLIT_HINT}")
         if not self._acceptor and (peer.role not in LISTENING_ROLES or peer.index != self._expect_index):
             return self._fail(
                 "index", f"wrong peer: you are {_who(peer)}, but this {_who(own)} meant to reach stage "

@@ -242,9 +242,14 @@ class Link:
                 self._arrived.set()
 
 
+def format_address(host: str, port: int) -> str:
+    """`host:port`, with IPv6 hosts in brackets (`[::1]:7001`) so the port stays readable."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _peer_name(writer: asyncio.StreamWriter) -> str:
     addr = writer.get_extra_info("peername")
-    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
+    return format_address(str(addr[0]), int(addr[1])) if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
 
 
 def _set_nodelay(writer: asyncio.StreamWriter) -> None:
@@ -299,7 +304,7 @@ async def connect(host: str, port: int, *, hello: Hello, expect_index: int, secr
     ``hello`` is a template: its nonce is replaced by a fresh random one for this connection. ``network`` makes
     the link's transport (the default writes frames at once).
     """
-    name = f"{host}:{port}"
+    name = format_address(host, port)
     with _io_errors(f"cannot reach stage {expect_index} at {name}"):
         async with timeout(timeouts.connect):
             reader, writer = await asyncio.open_connection(host, port)

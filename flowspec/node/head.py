@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from flowspec.errors import LocalProtocolError
+from flowspec.errors import LocalProtocolError, RequestRejected
 from flowspec.node.backend import Backend
 from flowspec.node.driver import DrafterLike, GenerationResult, LMHeadLike, RequestDriver
 from flowspec.node.links import LinkLost, StageLinks
@@ -50,6 +50,20 @@ class HeadNode:
         await self.links.aclose()
         await self.backend.aclose()
 
+    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse, before anything is sent, a request no stage could hold (RequestRejected)."""
+        context = self.links.limits.max_positions
+        if prompt_len < 1:
+            raise RequestRejected("the prompt is empty: give at least one token")
+        if max_new_tokens < 1:
+            raise RequestRejected(f"max_new_tokens (--max-new-tokens) must be >= 1, got {max_new_tokens}")
+        if prompt_len + max_new_tokens >= context:
+            raise RequestRejected(
+                f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs "
+                f"{prompt_len + max_new_tokens + 1} positions, past the model's context of {context}: shorten "
+                f"the prompt or lower max_new_tokens (--max-new-tokens) to at most "
+                f"{max(context - 1 - prompt_len, 0)}")
+
     async def generate(self, prompt: Sequence[int], budget: Budget, sampling: SamplingParams,
                        max_new_tokens: int, eos_ids: Sequence[int] = (),
                        result: GenerationResult | None = None) -> AsyncIterator[list[int]]:
@@ -63,6 +77,7 @@ class HeadNode:
             raise LocalProtocolError("HeadNode.connect() first")
         if budget.mode is not Mode.AR and self.drafter is None:
             raise LocalProtocolError(f"mode {budget.mode.value} needs a drafter")
+        self.check_request(len(prompt), max_new_tokens)
         result = result if result is not None else GenerationResult()
         sent_before = self.links.bytes_sent
         start = time.monotonic()

@@ -11,14 +11,26 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from flowspec.compat import TaskGroup
 from flowspec.errors import FlowSpecError, LocalProtocolError, StageFailed, StageTimeout
-from flowspec.net import DIRECT, Error, Hello, Limits, Link, Message, Network, Stats, Timeouts, connect
+from flowspec.net import (
+    DIRECT,
+    Error,
+    Hello,
+    Limits,
+    Link,
+    Message,
+    Network,
+    Stats,
+    Timeouts,
+    connect,
+    connect_retrying,
+)
 from flowspec.sched import Event, StageError, StageLost
 
 __all__ = ["DraftFailed", "Inbox", "LinkLost", "StageLinks"]
@@ -68,6 +80,9 @@ class StageLinks:
         self._group: TaskGroup | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._waited: dict[int, float] = {}  # stage -> seconds waited for it so far, while waiting
+        # told (stage, address, seconds waited) while a stage is unreachable: `flowspec run` shows a status line
+        self.on_waiting: Callable[[int, str, float], None] | None = None
         # Ids unique across heads: a stage drops late frames of a finished request by id, so a new head must
         # not reuse an id another head (or an earlier attempt) used on the same stages.
         self._next_req = secrets.randbits(62)
@@ -91,12 +106,15 @@ class StageLinks:
 
     # -- lifetime ----------------------------------------------------------------------------------------
     async def connect(self) -> None:
+        """Connect to every stage in order. A stage that is not up yet (still booting, restarting) is waited
+        for, with backoff, up to the recovery timeout; a stage that answers but is the wrong one fails at once."""
         ready = asyncio.Event()
         self._supervisor = asyncio.create_task(self._supervise(ready), name="head links")
         await ready.wait()
+        deadline = time.monotonic() + self.recovery_timeout
         try:
-            for k, (host, port) in enumerate(self.addresses, start=1):
-                self.links.append(await self._connect(k, host, port))
+            for k in range(1, self.num_stages + 1):
+                self.links.append(await self._connect_until(k, deadline))
                 self._start_reader(k)
         except BaseException:
             await self.aclose()
@@ -117,9 +135,25 @@ class StageLinks:
         for link in self.links:
             await link.close()
 
-    async def _connect(self, k: int, host: str, port: int) -> Link:
-        return await connect(host, port, hello=self.hello, expect_index=k, secret=self.secret, limits=self.limits,
-                             timeouts=self.timeouts, network=self.network)
+    async def _connect_until(self, k: int, deadline: float) -> Link:
+        """Stage k at its address or a standby's, retrying an unreachable one until `deadline`."""
+        def connect_one(host: str, port: int) -> Awaitable[Link]:
+            return connect(host, port, hello=self.hello, expect_index=k, secret=self.secret, limits=self.limits,
+                           timeouts=self.timeouts, network=self.network)
+
+        def waiting(address: str, waited_s: float, error: str) -> None:
+            if not self._waited.get(k):
+                log.warning("stage.waiting", stage=k, address=address, reason=error)
+            self._waited[k] = waited_s
+            if self.on_waiting is not None:
+                self.on_waiting(k, address, waited_s)
+
+        self._waited.pop(k, None)
+        addresses = [self.addresses[k - 1], *self.standbys.get(k, [])]
+        link = await connect_retrying(addresses, connect_one, deadline=deadline, on_wait=waiting)
+        if self._waited.pop(k, None) is not None:
+            log.warning("stage.reached", stage=k, address=link.name)
+        return link
 
     def _start_reader(self, k: int) -> None:
         if self._group is None:
@@ -193,19 +227,9 @@ class StageLinks:
 
     async def _reconnect(self, k: int, deadline: float, reason: str) -> None:
         await self.links[k - 1].close()
-        delay = 0.2
-        last_error = reason
-        while time.monotonic() < deadline:
-            for host, port in [self.addresses[k - 1], *self.standbys.get(k, [])]:
-                try:
-                    link = await self._connect(k, host, port)
-                except FlowSpecError as exc:
-                    last_error = str(exc)
-                    continue
-                self.links[k - 1] = link
-                self._start_reader(k)
-                return
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 2.0)
-        raise StageFailed(f"stage {k} lost ({reason}) and no replacement came within "
-                          f"{self.recovery_timeout:.0f} s (last try: {last_error})")
+        try:
+            self.links[k - 1] = await self._connect_until(k, deadline)
+        except FlowSpecError as exc:
+            raise StageFailed(f"stage {k} lost ({reason}) and no replacement came within "
+                              f"{self.recovery_timeout:.0f} s (last try: {exc})") from exc
+        self._start_reader(k)

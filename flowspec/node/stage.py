@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import structlog
@@ -33,6 +34,7 @@ from flowspec.net import (
     Timeouts,
     Verdict,
     connect,
+    connect_retrying,
 )
 from flowspec.node.backend import Backend, Work, WorkKind
 from flowspec.sched.stage import StageTree
@@ -45,6 +47,8 @@ _MAX_ORPHANS = 256  # messages held for a request whose `open` has not arrived y
 _MAX_REQUESTS = 8  # concurrent requests per stage; each holds a KV cache
 _MAX_ORPHAN_BYTES = 64 << 20  # tensor bytes held for unopened requests, all links together
 _ORPHAN_TTL_S = 30.0  # a request not opened this long after its first message never will be
+_TREE_SLACK_MAX = 4096  # KV slots a request may ask for beyond the context, for its draft tree
+_RING_CONNECT_S = 10.0  # how long to wait for a next stage that is down; the head recovers it if it stays down
 _MAX_FINISHED = 1024  # ids of finished requests remembered, so their late ring frames are dropped, not parked
 
 
@@ -193,16 +197,30 @@ class StageNode:
     def _open(self, req: int, capacity: int, head: Link) -> None:
         if req in self.requests or req in self.finished:
             raise PeerProtocolError(f"request {req} opened twice", code="order")
-        if len(self.requests) >= _MAX_REQUESTS:
-            raise PeerProtocolError(f"stage {self.index} already serves {_MAX_REQUESTS} requests", code="busy")
-        if capacity > self.limits.max_positions + 4096:
-            raise PeerProtocolError(f"capacity {capacity} is past this model's limits", code="limits")
+        refusal = self._refusal(capacity)
+        if refusal is not None:  # this request cannot be served here; the link and the others go on
+            code, reason = refusal
+            self.log.warning("request.refused", req=req, code=code, reason=reason)
+            self._free(req)
+            self._take_orphans(req)
+            self._groups[head].create_task(self._send_quietly(head, Error(req, code, reason)),
+                                           name=f"stage{self.index} refuse")
+            return
         r = _Request(req, self.model.new_cache(capacity), head)
         self.requests[req] = r
         for msg, link in self._take_orphans(req):
             self._dispatch(msg, link)
         r.task = self._groups[head].create_task(self._work(r), name=f"stage{self.index} req{req}")
         self.log.info("request.open", req=req, capacity=capacity)
+
+    def _refusal(self, capacity: int) -> tuple[str, str] | None:
+        """Why a request of `capacity` KV slots cannot be opened here, as (code, reason), or None."""
+        if len(self.requests) >= _MAX_REQUESTS:
+            return "busy", f"stage {self.index} already serves {_MAX_REQUESTS} requests; retry when one ends"
+        if capacity > self.limits.max_positions + _TREE_SLACK_MAX:
+            return "limits", (f"stage {self.index}: a request of {capacity} KV slots is past this model's "
+                              f"context of {self.limits.max_positions} positions")
+        return None
 
     def _close(self, req: int) -> None:
         r = self.requests.get(req)
@@ -324,20 +342,19 @@ class StageNode:
             return self._next
 
     async def _connect_next(self) -> Link:
-        """The next stage, or the first of its standbys that answers (the same order the head tries)."""
-        error: FlowSpecError | None = None
-        for host, port in self.next_addresses:
-            try:
-                link = await connect(host, port, hello=self.hello, expect_index=self.index + 1,
-                                     secret=self.secret, limits=self.limits, timeouts=self.timeouts,
-                                     network=self.backend.network)
-            except FlowSpecError as exc:
-                error = exc
-                continue
-            self.log.info("ring.connected", next=f"{host}:{port}")
-            return link
-        assert error is not None, "the last stage has no next stage"
-        raise error
+        """The next stage, or the first of its standbys that answers (the same order the head tries); one that
+        is still booting or restarting is waited for, with backoff, for up to `_RING_CONNECT_S`."""
+        def connect_one(host: str, port: int) -> Awaitable[Link]:
+            return connect(host, port, hello=self.hello, expect_index=self.index + 1, secret=self.secret,
+                           limits=self.limits, timeouts=self.timeouts, network=self.backend.network)
+
+        def waiting(address: str, waited_s: float, error: str) -> None:
+            self.log.warning("ring.waiting", next=address, waited_s=round(waited_s, 1), reason=error)
+
+        link = await connect_retrying(self.next_addresses, connect_one,
+                                      deadline=time.monotonic() + _RING_CONNECT_S, on_wait=waiting)
+        self.log.info("ring.connected", next=link.name)
+        return link
 
     async def aclose(self) -> None:
         """Free every request, close every link and wait for their tasks, then stop the compute thread."""

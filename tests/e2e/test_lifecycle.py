@@ -114,6 +114,8 @@ def test_flowspec_run_json() -> None:
     ("127.0.0.1:7000\n\n127.0.0.1:7001 layers=x\n", ":3: layers must be a positive integer"),
     ("127.0.0.1:7000\n127.0.0.1:7001 colour=red\n", ":2: unknown option 'colour=red'"),
     ("127.0.0.1:7000\n127.0.0.1:7001\n127.0.0.1:7001  # again\n", ":3: 127.0.0.1:7001 is already stage line 2"),
+    ("127.0.0.1:7000\nlocalhost:7001\n127.0.0.1:7001\n", ":3: 127.0.0.1:7001 is already stage line 2 .as localhost"),
+    ("127.0.0.1:7000\n[::1]:7001\n[0:0::1]:7001\n", r":3: \[0:0::1\]:7001 is already stage line 2"),
     ("127.0.0.1:7000 layers=3\n127.0.0.1:7001\n", ":1: the head holds no target layers"),
     ("justahost\n127.0.0.1:7001\n", ":1: expected host:port"),
     ("# only a head\n127.0.0.1:7000\n", "needs at least two lines"),
@@ -121,6 +123,11 @@ def test_flowspec_run_json() -> None:
 def test_peers_errors_are_line_numbered(text: str, where: str) -> None:
     with pytest.raises(ConfigError, match=f"^peers.txt{where}" if where.startswith(":") else where):
         parse_peers(text, "peers.txt")
+
+
+def test_ipv6_addresses_print_in_brackets() -> None:
+    peers = parse_peers("[::1]:7000\n[::1]:7001\n127.0.0.1:7001\n")
+    assert [p.address for p in peers.stages] == ["[::1]:7001", "127.0.0.1:7001"]
 
 
 def test_flowspec_node_rejects_a_bad_peers_file(tmp_path) -> None:  # type: ignore[no-untyped-def]

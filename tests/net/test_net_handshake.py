@@ -94,8 +94,20 @@ def test_fingerprint_mismatch_message() -> None:
     other = replace(HEAD, fingerprint="def456" + "1" * 58)
     client, server = refused(*pair(client=other))
     assert "model fingerprint mismatch" in client and "model fingerprint mismatch" in server
-    assert "serves abc1230" in client and "this node has def4561" in client
-    assert "run both with the same model and split" in server
+    assert f"model hash {STAGE.fingerprint} vs {other.fingerprint}" in client  # the peer's, then this node's
+    assert f"model hash {other.fingerprint} vs {STAGE.fingerprint}" in server
+    assert "same model and split" in server
+
+
+def test_fingerprint_mismatch_names_what_differs() -> None:
+    stage = replace(STAGE, fingerprint="1a2b3c4d5e6f7a8b/12-8-10/float32,bfloat16-int4g64,bfloat16-int4g64,float32")
+    head = replace(HEAD, fingerprint="1a2b3c4d5e6f7a8b/10-10-10")
+    client, server = refused(*pair(client=head, server=stage))
+    assert "layer split 12-8-10 vs 10-10-10" in client
+    assert "number formats (head,stage1,..) float32,bfloat16-int4g64,bfloat16-int4g64,float32 vs float32 " \
+           "everywhere" in client
+    assert "model hash" not in client  # the same model: not named as a difference
+    assert "layer split 10-10-10 vs 12-8-10" in server
 
 
 def test_version_mismatch() -> None:

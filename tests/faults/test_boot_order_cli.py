@@ -1,0 +1,74 @@
+"""`flowspec run --peers` as a user runs it against flowspec-node processes: a stage that starts 5 s after the
+head is waited for (with a status line) and the answer is the fault-free one; requests that can never succeed
+and bad sampling flags end at once with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flowspec.api import Request
+from tests.faults.conftest import DRAFT, NEW, PROMPT, SMOL, Pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def flowspec_run(pipe: Pipeline, *args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "flowspec", "run", "--peers", str(pipe.local.peers_path), "--model", SMOL, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FLOWSPEC_LOG": "warning"})
+
+
+async def test_a_stage_starting_5s_after_the_head_gets_the_fault_free_answer(pipe: Pipeline) -> None:
+    reference = await pipe.reference(Request(mode="flowspec", max_new_tokens=NEW))
+    pipe.local.kill_stage(2, signal.SIGKILL)
+    run = flowspec_run(pipe, "--mode", "flowspec", "--draft", DRAFT, "--prompt", PROMPT,
+                       "--max-new-tokens", str(NEW), "--json")
+    try:
+        time.sleep(5.0)
+        assert run.poll() is None, f"the head gave up while stage 2 was down:\n{run.communicate()[1]}"
+        pipe.restart(2)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+        pipe.wait_ready(2)
+    assert run.returncode == 0, err
+    assert f"waiting for stage 2 at {pipe.local.peers.stage(2).address}" in err, err
+    assert json.loads(out.splitlines()[-1])["tokens"] == reference
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--max-new-tokens", "100000"], "max_new_tokens (100000)"),
+    (["--prompt", "lorem ipsum " * 3400], "past the model's context of 8192"),  # ~40,000 characters
+])
+def test_a_request_past_the_context_ends_at_once_with_one_line(pipe: Pipeline, args: list[str],
+                                                                expected: str) -> None:
+    base = ["--mode", "ar", "--prompt", "Hi"] if "--prompt" not in args else ["--mode", "ar"]
+    started = time.monotonic()
+    run = flowspec_run(pipe, *base, *args)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flowspec run: error: ") and expected in lines[0], err
+    assert time.monotonic() - started < 30, "the refusal took a recovery cycle"
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--temperature", "-1", "must be >= 0"),
+    ("--top-p", "1.5", "must be in (0, 1]"),
+    ("--max-new-tokens", "0", "must be >= 1"),
+    ("--temperature", "nan", "finite"),
+])
+def test_bad_sampling_flags_are_usage_errors(flag: str, value: str, expected: str) -> None:
+    run = subprocess.run([sys.executable, "-m", "flowspec", "run", "--local", "--prompt", "Hi", flag, value],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert f"argument {flag}: " in run.stderr and expected in run.stderr and "Traceback" not in run.stderr
