@@ -28,11 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_command(sub)
     add_demo_command(sub)
     try:
+        from flowspec.bench.chaos import add_chaos_command
         from flowspec.bench.command import add_bench_command
     except ImportError:  # pragma: no cover - bench is optional during development
         pass
     else:
         add_bench_command(sub)
+        add_chaos_command(sub)
     return parser
 
 
