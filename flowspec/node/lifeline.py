@@ -95,8 +95,8 @@ def watch_stdin(on_eof: Callable[[], None]) -> bool:
             on_eof()
 
     try:
-        os.set_blocking(fd, False)
+        os.set_blocking(fd, False)  # AttributeError: not on Windows before 3.12
         loop.add_reader(fd, readable)
-    except (NotImplementedError, OSError):
+    except (AttributeError, NotImplementedError, OSError):
         return False
     return True
