@@ -81,15 +81,16 @@ class Cluster:
                           group_size: int = DEFAULT_GROUP_SIZE) -> Cluster:
         """Start `stages` stage processes on loopback and connect to them (`node_args`: more flowspec-node
         options for every stage). Every stage and the head run on `device` in `dtype` with `quant` weights
-        (see flowspec.model.precision). The processes end with `aclose()`."""
+        (see flowspec.model.precision). The processes end with `aclose()`, and never outlive this process: an app
+        that exits without it (or dies) ends them too (flowspec.node.local)."""
         device = str(resolve_device(device))  # every part runs here: `auto` means this machine's GPU, if any
         formats = ["--device", device, "--dtype", dtype, "--quant", quant, "--group-size", str(group_size)]
         local = LocalCluster(model, stages, layers, cache_dir, extra_args=[*formats, *node_args])
         precisions = precisions_for(local.peers, dtype, quant, group_size, device)
-        # split once here, not in N racing processes
-        dep = await asyncio.to_thread(deployment, model, stages, layers, cache_dir, precisions)
-        await local.start()
         try:
+            # split once here, not in N racing processes
+            dep = await asyncio.to_thread(deployment, model, stages, layers, cache_dir, precisions)
+            await local.start()
             return await cls._connect(local.peers, dep, draft, cache_dir, None, timeouts, step_timeout,
                                       recovery_timeout, Backend(), device, local)
         except BaseException:

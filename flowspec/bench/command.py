@@ -161,8 +161,8 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
             node_args += [*emulation_args(args), "--stats-file", stats_tpl]
             head_backend = EmulatedBackend(profile, dilation, num_stages=args.stages, link=link, name="head")
         local = LocalCluster(args.model, args.stages, layers, args.cache_dir, extra_args=node_args, module=module)
-        await local.start()
         try:
+            await local.start()
             async with await Cluster.connect(local.peers, model=args.model, draft=real_drafter,
                                              cache_dir=args.cache_dir, timeouts=Timeouts(heartbeat_timeout=beat),
                                              step_timeout=max(60.0, 10 * dilation), backend=head_backend,

@@ -10,7 +10,11 @@ Each subcommand has its own --help.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from types import FrameType, TracebackType
+from typing import Any
 
 from flowspec.errors import FlowSpecError
 
@@ -44,10 +48,49 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     configure_logging(args.log)
-    try:
-        return int(args.handler(args) or 0)
-    except FlowSpecError as exc:
-        print(f"flowspec {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    with Interrupts() as interrupts:
+        try:
+            return int(args.handler(args) or 0)
+        except FlowSpecError as exc:
+            print(f"flowspec {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 128 + interrupts.signum  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+
+
+class Interrupts:
+    """SIGTERM and SIGHUP (a service manager, a CI timeout, a closed terminal) end a command as Ctrl-C does.
+
+    Each is handed to SIGINT's handler: under `asyncio.run` (3.11+) that cancels the main task, so every
+    `async with` cleans up (a local cluster stops its stage processes) before KeyboardInterrupt ends the command;
+    elsewhere (and on 3.10) it raises KeyboardInterrupt, which unwinds through every `async with` too. A signal
+    this process ignores (SIGHUP under nohup) stays ignored. `signum` is the signal that arrived last (SIGINT if
+    none did). Installed only on the main thread, where Python runs signal handlers; restored on exit.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
+
+    def __init__(self) -> None:
+        self.signum: int = signal.SIGINT
+        self._old: dict[int, Any] = {}  # signal -> the handler to restore
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)  # None: one set outside Python
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)  # asyncio.run's cancels its main task; the default raises
+        else:
+            raise KeyboardInterrupt  # SIGINT is ignored here (a background job of a script): end anyway

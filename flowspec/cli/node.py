@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from flowspec.errors import ConfigError, FlowSpecError
 from flowspec.logging import configure_logging
 from flowspec.net import Timeouts, install_uvloop, serve
 from flowspec.node.backend import Backend
+from flowspec.node.lifeline import tie_to_parent, watch_stdin
 
 __all__ = ["BackendFactory", "main", "node_parser", "run_stage", "serve_stage"]
 
@@ -41,6 +43,8 @@ def node_parser() -> argparse.ArgumentParser:
                    help="allow listening on a non-loopback address without a shared secret")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a peer is dead")
+    p.add_argument("--parent-pid", type=int, help="stop when this process's parent, PID, exits, and when stdin (a "
+                   "pipe from it) reaches end-of-file; for launchers (flowspec run --local, Cluster.start_local)")
     add_precision_args(p)
     return p
 
@@ -49,8 +53,9 @@ BackendFactory = Callable[[Peers, int], Backend]
 
 
 async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | None = None) -> None:
-    """Serve stage `args.index` until SIGINT or SIGTERM; `make_backend(peers, index)` is the node's seam
-    (the emulated testbed injects its own; the default runs on this machine as it is)."""
+    """Serve stage `args.index` until SIGINT or SIGTERM (or, with `--parent-pid`, its launcher's exit);
+    `make_backend(peers, index)` is the node's seam (the emulated testbed injects its own; the default runs on
+    this machine as it is)."""
     from flowspec.config import load_secret
     from flowspec.node.build import build_stage, deployment, device_for, precisions_for
 
@@ -83,20 +88,54 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
     log.info("node.ready", address=me.address, layers=dep.counts[args.index - 1], model=args.model,
              device=str(device), precision=precision.tag)
     print(f"flowspec-node stage {args.index} ready on {me.address} ({device}, {precision.tag})", flush=True)
-    stop = asyncio.Event()
+    stop = _Stop(args.parent_pid)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.on_signal, sig)
+    if args.parent_pid is not None and not watch_stdin(stop.on_parent_exit):
+        log.info("node.no_lifeline", reason="this event loop cannot watch stdin; only signals stop this stage")
     try:
         await stop.wait()
     finally:
+        (log.warning if stop.parent_gone else log.info)("node.stopping", reason=stop.reason or "cancelled")
         server.close()
         await node.aclose()
 
 
+class _Stop:
+    """Why this stage stops: the first of a signal and (with --parent-pid) its launcher's exit."""
+
+    def __init__(self, parent_pid: int | None) -> None:
+        self.parent_pid = parent_pid
+        self.reason = ""
+        self.parent_gone = False
+        self._event = asyncio.Event()
+
+    def on_signal(self, sig: int) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:  # Linux's parent-death signal
+            self.on_parent_exit(signal.Signals(sig).name)
+        else:
+            self._set(signal.Signals(sig).name)
+
+    def on_parent_exit(self, how: str = "its pipe closed") -> None:
+        self._set(f"launcher (pid {self.parent_pid}) exited: {how}", parent_gone=True)
+
+    def _set(self, reason: str, parent_gone: bool = False) -> None:
+        if not self._event.is_set():
+            self.reason, self.parent_gone = reason, parent_gone
+            self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
 def run_stage(args: argparse.Namespace, make_backend: BackendFactory | None = None) -> int:
-    """The process around `serve_stage`: logging, torch threads, uvloop, exit codes."""
+    """The process around `serve_stage`: its launcher's lifeline, logging, torch threads, uvloop, exit codes."""
     configure_logging()
+    if args.parent_pid is not None and not tie_to_parent(args.parent_pid):
+        structlog.get_logger("flowspec.node").bind(stage=args.index).warning(
+            "node.stopping", reason=f"launcher (pid {args.parent_pid}) exited before this stage started")
+        return 1
     if args.threads:
         import torch
 

@@ -1,4 +1,10 @@
-"""A local cluster: N `flowspec-node` processes on loopback, for `flowspec run --local` and tests."""
+"""A local cluster: N `flowspec-node` processes on loopback, for `flowspec run --local` and tests.
+
+The stage processes never outlive this one: `stop()` (or the context manager) ends them; so does a finalizer when
+the cluster is garbage-collected or the interpreter exits without `stop()`; and when this process dies without
+running any Python (SIGKILL, `os._exit`), each stage sees its lifeline close and stops itself
+(flowspec.node.lifeline).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 from flowspec.config import Peers, read_peers
 from flowspec.errors import ConfigError, StageFailed
+from flowspec.node.lifeline import Lifeline
 
 __all__ = ["LocalCluster", "free_ports"]
 
@@ -29,7 +37,10 @@ def free_ports(n: int) -> list[int]:
 
 
 class LocalCluster:
-    """Start stage processes; `peers` describes them; `stop()` (or the context manager) ends them."""
+    """Start stage processes; `peers` describes them; `stop()` (or the context manager) ends them.
+
+    Start stages from a thread that outlives them (the event loop's): on Linux a stage also stops when the
+    thread that started it exits (see flowspec.node.lifeline)."""
 
     def __init__(self, model: str, num_stages: int, layers: list[int] | None = None,
                  cache_dir: str | None = None, secret: bytes | None = None, extra_args: list[str] | None = None,
@@ -51,6 +62,9 @@ class LocalCluster:
         self.peers: Peers = read_peers(self.peers_path)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: dict[int, Path] = {}
+        self._lifeline = Lifeline()
+        # stop() runs it; so does the garbage collector, or the interpreter's exit, if nobody called stop()
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self._lifeline, self._dir)
 
     def command(self, index: int) -> list[str]:
         cmd = [sys.executable, "-m", self.module, "--peers", str(self.peers_path), "--index", str(index),
@@ -66,7 +80,9 @@ class LocalCluster:
         log = Path(self._dir.name) / f"stage-{index}.log"
         self.logs[index] = log
         with open(log, "ab") as out:
-            self.procs[index] = subprocess.Popen(self.command(index), stdout=out, stderr=subprocess.STDOUT,
+            # its own session: a Ctrl-C meant for this process does not reach the stage before stop() does
+            self.procs[index] = subprocess.Popen([*self.command(index), *self._lifeline.args()],
+                                                 stdin=self._lifeline.stdin, stdout=out, stderr=subprocess.STDOUT,
                                                  env=env, start_new_session=True)
 
     async def start(self, timeout_s: float = 120.0) -> None:
@@ -104,16 +120,8 @@ class LocalCluster:
                 proc.wait(timeout=10)
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._dir.cleanup()
+        """End every stage process (SIGTERM, SIGKILL after 10 s) and remove the peers file and logs (idempotent)."""
+        self._finalizer()
 
     async def __aenter__(self) -> LocalCluster:
         try:
@@ -125,3 +133,19 @@ class LocalCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _stop(procs: dict[int, subprocess.Popen[bytes]], lifeline: Lifeline,
+          folder: tempfile.TemporaryDirectory[str]) -> None:
+    """LocalCluster.stop, also its finalizer: so it must not refer to the cluster."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    lifeline.close()
+    folder.cleanup()
