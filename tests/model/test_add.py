@@ -1,6 +1,6 @@
 """`flowspec models add`: an HF folder or a GGUF file of a supported architecture is added under a name and runs
-(a GGUF made here computes what transformers computes from the same file); other architectures and incomplete
-folders are refused with a message naming what is missing."""
+(a GGUF made here computes what transformers computes from the same file); other architectures, incomplete
+folders and truncated or foreign files are refused with a message naming what is wrong, leaving nothing behind."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from flowspec.cli import main
 from flowspec.errors import ModelError
 from flowspec.store import list_models, load_full, load_tokenizer, resolve
+from flowspec.store import pull as pull_mod
 from flowspec.store.pull import add_model
 from tests.model.test_precision import tiny_llama
 
@@ -173,3 +174,54 @@ def test_a_gguf_file_is_converted_and_computes_what_transformers_computes(tmp_pa
         got.append(head.forward(model.forward(torch.tensor([ids[i]]), torch.tensor([i]), kv)))
     torch.testing.assert_close(torch.cat(got), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.cat(got).argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "falcon"])
+def test_a_gguf_of_another_architecture_is_refused_by_name(tmp_path: Path, arch: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    gguf = tmp_path / f"{arch}.gguf"
+    write_tiny_gguf(gguf, arch=arch)
+    cache = tmp_path / "cache"
+    assert main(["models", "add", str(gguf), "--name", "other", "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert f"GGUF architecture '{arch}' is not supported; flowspec runs llama, qwen2, mistral" in err, err
+    assert "converting" not in err  # refused from the header, before any conversion
+    assert not (cache / "models").exists() or not list((cache / "models").iterdir())
+
+
+def test_truncated_foreign_or_tokenizerless_ggufs_are_refused_clearly(tmp_path: Path) -> None:
+    good = tmp_path / "good.gguf"
+    write_tiny_gguf(good)
+    blob = good.read_bytes()
+    cache = tmp_path / "cache"
+    cases = {
+        "cut.gguf": (blob[: len(blob) // 2], rf"truncated GGUF: {len(blob) // 2:,} bytes, but its 21 tensors need "
+                                             rf"{len(blob):,}; copy or download it again"),
+        "header.gguf": (blob[:2000], r"truncated GGUF: the file \(2,000 bytes\) ends inside its header"),
+        "stub.gguf": (blob[:10], "10 bytes is too short for a GGUF file"),
+        "text.gguf": (b"not a model, just text\n" * 10, "not a GGUF file"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ModelError, match=message):
+            add_model(tmp_path / name, "x", cache)
+    write_tiny_gguf(tmp_path / "notok.gguf", tokenizer=False)
+    with pytest.raises(ModelError, match=r"no tokenizer \(tokenizer.ggml.tokens\)"):
+        add_model(tmp_path / "notok.gguf", "x", cache)
+    assert not (cache / "models").exists() or not list((cache / "models").iterdir())
+
+
+def test_disk_full_while_converting_is_clear_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+
+    def full(src: Path, out: Path) -> None:
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pull_mod, "convert", full)
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelError, match=r"disk full: need ~0\.0 GB in .*models"):
+        add_model(gguf, "tiny", cache)
+    assert list((cache / "models").iterdir()) == []
