@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from flowspec.errors import ModelError, ModelMismatch, ModelNotInstalled
+from flowspec.store.gguf_file import check_gguf
 from flowspec.store.registry import RECEIPT, ModelSpec, cache_dir, compute_fingerprint, get_spec, model_dir
 
 Installer = Callable[[list[str]], None]
@@ -183,17 +184,25 @@ def add_model(source: str | os.PathLike[str], name: str, cache: str | os.PathLik
         raise ModelError(f"a model named {name!r} is already in {final.parent}; pass --force to replace it")
     if not src.exists():
         raise ModelError(f"{src} does not exist: give a .gguf file or an HF folder (config.json + *.safetensors)")
+    if src.is_file() and src.suffix != ".gguf":
+        raise ModelError(f"{src} is not a .gguf file; give a GGUF file or an HF model folder")
+    # a GGUF's header only, instant: refuse an unsupported architecture or a cut-short file before converting
+    gguf = check_gguf(src) if src.is_file() else None
+    # the fp32 folder is ~7x a 4-bit GGUF; an HF folder is copied as it is
+    need = 8 * gguf.size if gguf else sum(f.stat().st_size for f in src.iterdir() if f.is_file())
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".add-{name}-", dir=final.parent))
     try:
-        if src.is_file():
-            if src.suffix != ".gguf":
-                raise ModelError(f"{src} is not a .gguf file; give a GGUF file or an HF model folder")
-            print(f"converting {src.name} to fp32 safetensors (once)...", file=sys.stderr)
+        if gguf is not None:
+            print(f"converting {src.name} ({gguf.architecture}, {gguf.size / 1e6:,.1f} MB) to fp32 safetensors "
+                  "(once)...", file=sys.stderr)
             try:
                 convert(src, tmp)
-            except (ValueError, KeyError, OSError, RuntimeError) as e:
-                raise ModelError(f"{src}: transformers cannot read this GGUF ({str(e).splitlines()[0]})") from e
+            except (ValueError, KeyError, RuntimeError, OSError) as e:
+                if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                    raise
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ModelError(f"{src}: transformers cannot read this GGUF ({why})") from e
         else:
             _copy_hf_folder(src, tmp)
         _check_runnable(tmp)
@@ -203,6 +212,10 @@ def add_model(source: str | os.PathLike[str], name: str, cache: str | os.PathLik
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ModelError(f"disk full: need ~{need / 1e9:.1f} GB in {final.parent}") from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
