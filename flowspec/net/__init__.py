@@ -7,7 +7,7 @@ from flowspec.net.codec import DTYPE_CODES, decode_tensor, encode_tensor, packb,
 from flowspec.net.framing import FrameDecoder, encode_frame
 from flowspec.net.handshake import Handshake, HandshakeState, compute_mac
 from flowspec.net.limits import HANDSHAKE_LIMITS, Limits
-from flowspec.net.link import Link, Timeouts, connect, install_uvloop, serve
+from flowspec.net.link import Link, PendingHandshakes, Timeouts, connect, install_uvloop, serve
 from flowspec.net.messages import (
     Auth,
     Close,
@@ -32,8 +32,8 @@ PROTOCOL_VERSION = 2  # 2: stats carry the stage's memory (weights, KV, RSS)
 __all__ = [
     "DIRECT", "DTYPE_CODES", "HANDSHAKE_LIMITS", "PROTOCOL_VERSION",
     "Auth", "Close", "Error", "FrameDecoder", "Handshake", "HandshakeState", "Hello", "Limits",
-    "Link", "Message", "Network", "Open", "Ping", "Pong", "Prefill", "Ready", "Refuse", "Segment",
-    "Stats", "Timeouts", "Transport", "Verdict",
+    "Link", "Message", "Network", "Open", "PendingHandshakes", "Ping", "Pong", "Prefill", "Ready", "Refuse",
+    "Segment", "Stats", "Timeouts", "Transport", "Verdict",
     "compute_mac", "connect", "decode_tensor", "encode_frame", "encode_tensor", "install_uvloop",
     "packb", "parse_message", "serve", "unpackb",
 ]
