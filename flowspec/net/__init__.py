@@ -1,4 +1,4 @@
-"""Networking: tensor codec, capped framing, typed messages, sans-IO handshake, and the async link shell.
+"""Networking: tensor codec, capped framing, typed messages, sans-IO handshake, the async link shell, and TLS.
 
 Knows nothing about trees or models; see docs/ARCHITECTURE.md ("Wire protocol") for the contract.
 """
@@ -25,6 +25,7 @@ from flowspec.net.messages import (
     Verdict,
     parse_message,
 )
+from flowspec.net.tls import TlsConfig
 from flowspec.net.transport import DIRECT, Network, Transport
 
 PROTOCOL_VERSION = 2  # 2: stats carry the stage's memory (weights, KV, RSS)
@@ -33,7 +34,7 @@ __all__ = [
     "DIRECT", "DTYPE_CODES", "HANDSHAKE_LIMITS", "PROTOCOL_VERSION",
     "Auth", "Close", "Error", "FrameDecoder", "Handshake", "HandshakeState", "Hello", "Limits",
     "Link", "Message", "Network", "Open", "PendingHandshakes", "Ping", "Pong", "Prefill", "Ready", "Refuse",
-    "Segment", "Stats", "Timeouts", "Transport", "Verdict",
+    "Segment", "Stats", "Timeouts", "TlsConfig", "Transport", "Verdict",
     "compute_mac", "connect", "decode_tensor", "encode_frame", "encode_tensor", "install_uvloop",
     "packb", "parse_message", "serve", "unpackb",
 ]
