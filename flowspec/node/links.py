@@ -18,7 +18,7 @@ import structlog
 
 from flowspec.compat import TaskGroup
 from flowspec.errors import FlowSpecError, LocalProtocolError, StageFailed, StageTimeout
-from flowspec.net import DIRECT, Error, Hello, Limits, Link, Message, Network, Stats, Timeouts, connect
+from flowspec.net import DIRECT, Error, Hello, Limits, Link, Message, Network, Stats, Timeouts, TlsConfig, connect
 from flowspec.sched import Event, StageError, StageLost
 
 __all__ = ["DraftFailed", "Inbox", "LinkLost", "StageLinks"]
@@ -56,12 +56,13 @@ class StageLinks:
 
     def __init__(self, stages: Sequence[tuple[str, int]], hello: Hello, limits: Limits, timeouts: Timeouts,
                  secret: bytes | None, *, standbys: dict[int, list[tuple[str, int]]] | None = None,
-                 recovery_timeout: float = 30.0, network: Network = DIRECT) -> None:
+                 recovery_timeout: float = 30.0, network: Network = DIRECT, tls: TlsConfig | None = None) -> None:
         self.addresses = list(stages)
         self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
         self.standbys = standbys or {}  # stage -> standby addresses serving the same layers
         self.recovery_timeout = recovery_timeout  # 0 = fail at once when a stage is lost
         self.network = network
+        self.tls = tls  # mutual TLS on every link, or None for plain TCP
         self.links: list[Link] = []
         self._inboxes: dict[int, Inbox] = {}
         self._readers: dict[int, asyncio.Task[None]] = {}
@@ -119,7 +120,7 @@ class StageLinks:
 
     async def _connect(self, k: int, host: str, port: int) -> Link:
         return await connect(host, port, hello=self.hello, expect_index=k, secret=self.secret, limits=self.limits,
-                             timeouts=self.timeouts, network=self.network)
+                             timeouts=self.timeouts, network=self.network, tls=self.tls)
 
     def _start_reader(self, k: int) -> None:
         if self._group is None:

@@ -31,6 +31,7 @@ from flowspec.net import (
     Segment,
     Stats,
     Timeouts,
+    TlsConfig,
     Verdict,
     connect,
 )
@@ -70,10 +71,11 @@ class StageNode:
 
     def __init__(self, index: int, num_stages: int, model: StageModel, hello: Hello, limits: Limits,
                  timeouts: Timeouts, secret: bytes | None, next_addresses: list[tuple[str, int]],
-                 backend: Backend | None = None) -> None:
+                 backend: Backend | None = None, tls: TlsConfig | None = None) -> None:
         self.index, self.num_stages, self.model = index, num_stages, model
         self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
         self.next_addresses = next_addresses  # the next stage, then its standbys
+        self.tls = tls  # mutual TLS on the ring link too, or None for plain TCP
         self.backend = backend or Backend()
         self.requests: dict[int, _Request] = {}
         self.orphans: dict[int, list[tuple[Verdict | Prefill | Segment, Link]]] = {}  # req -> (msg, from)
@@ -330,7 +332,7 @@ class StageNode:
             try:
                 link = await connect(host, port, hello=self.hello, expect_index=self.index + 1,
                                      secret=self.secret, limits=self.limits, timeouts=self.timeouts,
-                                     network=self.backend.network)
+                                     network=self.backend.network, tls=self.tls)
             except FlowSpecError as exc:
                 error = exc
                 continue
