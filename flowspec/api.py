@@ -26,7 +26,7 @@ from flowspec.config import Peers, load_secret, read_peers
 from flowspec.errors import ConfigError
 from flowspec.model import Drafter
 from flowspec.model.precision import DEFAULT_GROUP_SIZE, resolve_device
-from flowspec.net import Timeouts
+from flowspec.net import Timeouts, TlsConfig
 from flowspec.node.backend import Backend
 from flowspec.node.build import Deployment, build_head, deployment, device_for, precisions_for
 from flowspec.node.head import GenerationResult, HeadNode
@@ -103,7 +103,7 @@ class Cluster:
                       step_timeout: float = 60.0, recovery_timeout: float = 30.0,
                       backend: Backend | None = None, device: str = "auto", dtype: str = "auto",
                       quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE,
-                      on_waiting: WaitingCallback | None = None) -> Cluster:
+                      on_waiting: WaitingCallback | None = None, tls: TlsConfig | None = None) -> Cluster:
         """Connect to running `flowspec-node` processes listed in a peers file (the head is line 1).
 
         A stage that is not up yet (booting, restarting) is waited for, retrying with backoff, for up to
@@ -115,21 +115,24 @@ class Cluster:
         compute runs and how its links reach the wire (flowspec.node.Backend; the default is this machine).
         `device`, `dtype`, `quant`, `group_size`: the pipeline's number formats, as every stage was started
         with them (a peers-file line's device=/dtype=/quant= wins); a stage that disagrees is refused.
+        `tls`: mutual TLS on every link (flowspec.net.TlsConfig: this head's certificate and key, and the CA that
+        signed every node's certificate); the stages must run with TLS too.
         """
         parsed = peers if isinstance(peers, Peers) else read_peers(peers)
         precisions = precisions_for(parsed, dtype, quant, group_size, device)
         dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir, precisions, prepare=[0])
         return await cls._connect(parsed, dep, draft, cache_dir, secret or load_secret(), timeouts, step_timeout,
-                                  recovery_timeout, backend or Backend(), device, None, on_waiting)
+                                  recovery_timeout, backend or Backend(), device, None, on_waiting, tls)
 
     @classmethod
     async def _connect(cls, peers: Peers, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
                        secret: bytes | None, timeouts: Timeouts | None, step_timeout: float,
                        recovery_timeout: float, backend: Backend, device: str,
-                       local: LocalCluster | None, on_waiting: WaitingCallback | None = None) -> Cluster:
+                       local: LocalCluster | None, on_waiting: WaitingCallback | None = None,
+                       tls: TlsConfig | None = None) -> Cluster:
         head_device = device_for(peers, 0, device)
         head = build_head(dep, peers, secret, timeouts or Timeouts(), step_timeout=step_timeout,
-                          recovery_timeout=recovery_timeout, backend=backend, device=head_device)
+                          recovery_timeout=recovery_timeout, backend=backend, device=head_device, tls=tls)
         # the tokenizer first: loading it blocks the loop for seconds on a busy CPU, and with the links already
         # up that missed their heartbeats (every stage dropped the head; the first request needed a recovery)
         cluster = cls(head, dep, draft, cache_dir, local, head_device)

@@ -4,7 +4,8 @@
 
 The peers file lists host:port per line in pipeline order, the head first; this process serves line
 `--index` (1 = the first stage after the head). It loads only its own shard (splitting the model once if the
-shards are not there yet) and serves until interrupted.
+shards are not there yet) and serves until interrupted. Off a trusted LAN, give every node (the head too)
+--tls-cert/--tls-key/--tls-ca: its links then run in mutual TLS.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 import structlog
 
-from flowspec.cli.options import add_precision_args
+from flowspec.cli.options import add_precision_args, add_tls_args, tls_config
 from flowspec.config import Peer, Peers, read_peers, split_address
 from flowspec.errors import ConfigError, FlowSpecError
 from flowspec.logging import configure_logging
@@ -40,12 +41,13 @@ def node_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="host:port to listen on instead of this stage's line (for a standby "
                                     "listed as standby=host:port on that line)")
     p.add_argument("--insecure", action="store_true",
-                   help="allow listening on a non-loopback address without a shared secret")
+                   help="allow listening on a non-loopback address without a shared secret or TLS")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a peer is dead")
     p.add_argument("--parent-pid", type=int, help="stop when this process's parent, PID, exits, and when stdin (a "
                    "pipe from it) reaches end-of-file; for launchers (flowspec run --local, Cluster.start_local)")
     add_precision_args(p)
+    add_tls_args(p)
     return p
 
 
@@ -68,9 +70,11 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
                               f"standby= addresses in {args.peers}; add it there so the others can find it")
         me = Peer(host, port, me.line, me.options)
     secret = load_secret(args.secret_file)
-    if not me.is_loopback and secret is None and not args.insecure:
+    tls = tls_config(args)
+    if not me.is_loopback and secret is None and tls is None and not args.insecure:
         raise ConfigError(f"refusing to listen on {me.address} without a shared secret: anyone on the LAN "
-                          "could drive this stage. Set FLOWSPEC_SECRET (or --secret-file), or pass --insecure.")
+                          "could drive this stage. Set FLOWSPEC_SECRET (or --secret-file), give every node "
+                          "TLS (--tls-cert/--tls-key/--tls-ca), or pass --insecure.")
     log = structlog.get_logger("flowspec.node").bind(stage=args.index)
     device = device_for(peers, args.index, args.device)
     precisions = precisions_for(peers, args.dtype, args.quant, args.group_size, args.device)
@@ -81,13 +85,14 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
     timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
                         heartbeat_timeout=args.heartbeat_timeout)
     backend = make_backend(peers, args.index) if make_backend is not None else Backend()
-    node = build_stage(dep, peers, args.index, secret, timeouts, backend=backend, device=device)
+    node = build_stage(dep, peers, args.index, secret, timeouts, backend=backend, device=device, tls=tls)
     server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
-                         timeouts=timeouts, on_link=node.on_link, network=backend.network)
+                         timeouts=timeouts, on_link=node.on_link, network=backend.network, tls=tls)
     precision = precisions[args.index]
     log.info("node.ready", address=me.address, layers=dep.counts[args.index - 1], model=args.model,
-             device=str(device), precision=precision.tag)
-    print(f"flowspec-node stage {args.index} ready on {me.address} ({device}, {precision.tag})", flush=True)
+             device=str(device), precision=precision.tag, tls=tls is not None)
+    print(f"flowspec-node stage {args.index} ready on {me.address} ({device}, {precision.tag}"
+          f"{', TLS' if tls else ''})", flush=True)
     stop = _Stop(args.parent_pid)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

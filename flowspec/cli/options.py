@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flowspec.api import Cluster
+    from flowspec.net import TlsConfig
     from flowspec.node.head import GenerationResult
     from flowspec.prompts import Prompt
 
-__all__ = ["add_budget_args", "add_precision_args", "add_sampling_args", "budget_overrides", "formats",
-           "positive_int", "result_row"]
+__all__ = ["add_budget_args", "add_precision_args", "add_sampling_args", "add_tls_args", "budget_overrides",
+           "formats", "positive_int", "result_row", "tls_config"]
 
 
 # Argument types: a bad value is a one-line usage error from argparse, before anything starts or connects.
@@ -78,6 +79,32 @@ def formats(args: argparse.Namespace) -> dict[str, Any]:
     """The flags of `add_precision_args` as keyword arguments of `Cluster.start_local` / `Cluster.connect`."""
     return {"device": getattr(args, "device", "auto"), "dtype": args.dtype, "quant": args.quant,
             "group_size": args.group_size}
+
+def add_tls_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "TLS (all three or none; every node of the pipeline alike)",
+        "Mutual TLS on every link: each node presents a certificate signed by the CA\n"
+        "and checks its peer's against it (by CA, not by hostname: peers are addressed\n"
+        "by IP). A stage with TLS may listen beyond loopback without a shared secret.")
+    g.add_argument("--tls-cert", metavar="PEM", help="this node's certificate, signed by --tls-ca")
+    g.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    g.add_argument("--tls-ca", metavar="PEM", help="the CA certificate that signed every node's certificate")
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The flags of `add_tls_args` as a `TlsConfig` (its files loaded and checked), or None without them."""
+    from flowspec.errors import ConfigError
+    from flowspec.net import TlsConfig
+
+    given = {flag: getattr(args, flag.removeprefix("--").replace("-", "_"))
+             for flag in ("--tls-cert", "--tls-key", "--tls-ca")}
+    if not any(given.values()):
+        return None
+    missing = [flag for flag, value in given.items() if not value]
+    if missing:
+        raise ConfigError(f"TLS needs --tls-cert, --tls-key and --tls-ca together; missing {', '.join(missing)}")
+    return TlsConfig(given["--tls-cert"], given["--tls-key"], given["--tls-ca"])
+
 
 _BUDGET_FLAGS = {  # flag -> Budget field
     "tree_tokens": "init_tokens", "topk": "topk", "depth": "depth", "expand_tokens": "expand_tokens",

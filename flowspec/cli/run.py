@@ -13,10 +13,12 @@ from flowspec.cli.options import (
     add_budget_args,
     add_precision_args,
     add_sampling_args,
+    add_tls_args,
     budget_overrides,
     formats,
     positive_int,
     result_row,
+    tls_config,
 )
 from flowspec.errors import ConfigError
 from flowspec.net import Timeouts
@@ -35,7 +37,9 @@ examples:
   flowspec run --local --stages 4 --model smollm2-135m --mode ar --prompt "Why is the sky blue?"
   flowspec run --local --stages 4 --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --mode flowspec \\
       --prompt-file data/specbench/humaneval.jsonl --limit 3 --json
-  flowspec run --peers peers.txt --model smollm2-135m --mode flowspec --draft self:layers=20 --prompt Hi""")
+  flowspec run --peers peers.txt --model smollm2-135m --mode flowspec --draft self:layers=20 --prompt Hi
+  flowspec run --peers peers.txt --model smollm2-135m --tls-cert head.pem --tls-key head.key --tls-ca ca.pem \\
+      --prompt Hi""")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="start the stages as local processes on loopback")
     where.add_argument("--peers", help="peers file of running flowspec-node processes")
@@ -60,6 +64,7 @@ examples:
                    help="seconds to wait for a lost stage to come back (restarted, or a standby= address) "
                         "before the request fails; 0 = fail at once (default 30)")
     add_precision_args(p)
+    add_tls_args(p)
     add_budget_args(p)
     p.set_defaults(handler=run_command)
 
@@ -88,7 +93,7 @@ async def _run(args: argparse.Namespace) -> int:
             cluster = await Cluster.connect(args.peers, model=args.model, draft=args.draft,
                                             cache_dir=args.cache_dir, secret=load_secret(args.secret_file),
                                             timeouts=timeouts, recovery_timeout=args.recovery_timeout,
-                                            on_waiting=status, **formats(args))
+                                            on_waiting=status, tls=tls_config(args), **formats(args))
         finally:
             status.done()
     request = Request(args.mode, args.max_new_tokens, args.temperature, args.top_p, args.seed,
@@ -144,4 +149,6 @@ def run_command(args: argparse.Namespace) -> int:
         raise ConfigError("--heartbeat-timeout must be > 0")
     if args.recovery_timeout < 0:
         raise ConfigError("--recovery-timeout must be >= 0 (0 = fail at once)")
+    if args.local and (args.tls_cert or args.tls_key or args.tls_ca):
+        raise ConfigError("--tls-cert/--tls-key/--tls-ca are for --peers; --local stages run on loopback")
     return asyncio.run(_run(args))

@@ -1,4 +1,4 @@
-"""Networking: tensor codec, capped framing, typed messages, sans-IO handshake, and the async link shell.
+"""Networking: tensor codec, capped framing, typed messages, sans-IO handshake, the async link shell, and TLS.
 
 Knows nothing about trees or models; see docs/ARCHITECTURE.md ("Wire protocol") for the contract.
 """
@@ -7,7 +7,7 @@ from flowspec.net.codec import DTYPE_CODES, decode_tensor, encode_tensor, packb,
 from flowspec.net.framing import FrameDecoder, encode_frame
 from flowspec.net.handshake import Handshake, HandshakeState, compute_mac
 from flowspec.net.limits import HANDSHAKE_LIMITS, Limits
-from flowspec.net.link import Link, Timeouts, connect, format_address, install_uvloop, serve
+from flowspec.net.link import Link, PendingHandshakes, Timeouts, connect, format_address, install_uvloop, serve
 from flowspec.net.messages import (
     Auth,
     Close,
@@ -26,6 +26,7 @@ from flowspec.net.messages import (
     parse_message,
 )
 from flowspec.net.retry import Backoff, connect_retrying
+from flowspec.net.tls import TlsConfig
 from flowspec.net.transport import DIRECT, Network, Transport
 
 PROTOCOL_VERSION = 2  # 2: stats carry the stage's memory (weights, KV, RSS)
@@ -33,8 +34,9 @@ PROTOCOL_VERSION = 2  # 2: stats carry the stage's memory (weights, KV, RSS)
 __all__ = [
     "DIRECT", "DTYPE_CODES", "HANDSHAKE_LIMITS", "PROTOCOL_VERSION",
     "Auth", "Backoff", "Close", "Error", "FrameDecoder", "Handshake", "HandshakeState", "Hello", "Limits",
-    "Link", "Message", "Network", "Open", "Ping", "Pong", "Prefill", "Ready", "Refuse", "Segment",
-    "Stats", "Timeouts", "Transport", "Verdict",
-    "compute_mac", "connect", "connect_retrying", "decode_tensor", "encode_frame", "encode_tensor", "format_address", "install_uvloop",
+    "Link", "Message", "Network", "Open", "PendingHandshakes", "Ping", "Pong", "Prefill", "Ready", "Refuse",
+    "Segment", "Stats", "Timeouts", "TlsConfig", "Transport", "Verdict",
+    "compute_mac", "connect", "connect_retrying", "decode_tensor", "encode_frame", "encode_tensor",
+    "format_address", "install_uvloop",
     "packb", "parse_message", "serve", "unpackb",
 ]

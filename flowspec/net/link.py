@@ -4,6 +4,9 @@ A ``Link`` owns one TCP connection and one ``TaskGroup`` (reader, heartbeat, and
 ``Transport`` delays). The reader feeds ``FrameDecoder``, validates with ``parse_message``, answers pings and queues the rest
 for ``recv()``. The first failure is recorded, stops the group, closes the socket, and is raised by every later
 ``send``/``recv`` (sticky). Foreign exceptions become flowspec errors in ``_io_errors`` and nowhere else.
+
+``serve`` admits each connection into ``PendingHandshakes`` until its handshake is done; ``connect`` and
+``serve`` take an optional ``TlsConfig`` (net/tls.py), and then the handshake runs inside mutual TLS.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
@@ -20,14 +24,15 @@ from typing import Any, final
 import structlog
 
 from flowspec.compat import TaskGroup, timeout
-from flowspec.errors import FlowSpecError, PeerProtocolError, StageFailed, StageTimeout
+from flowspec.errors import ConfigError, FlowSpecError, PeerProtocolError, StageFailed, StageTimeout
 from flowspec.net.framing import HEADER, FrameDecoder, check_length, decode_body, encode_frame
 from flowspec.net.handshake import Handshake, HandshakeState
 from flowspec.net.limits import HANDSHAKE_LIMITS, Limits
 from flowspec.net.messages import Auth, Hello, Message, Ping, Pong, Ready, Refuse, parse_message
+from flowspec.net.tls import TlsConfig, tls_error
 from flowspec.net.transport import DIRECT, Network, Transport
 
-__all__ = ["Link", "Timeouts", "connect", "install_uvloop", "serve"]
+__all__ = ["Link", "PendingHandshakes", "Timeouts", "connect", "install_uvloop", "serve"]
 
 log = structlog.get_logger("flowspec.net")
 
@@ -35,7 +40,10 @@ _READ_CHUNK = 1 << 18  # one read() per 256 KiB: a 16-row fp16 segment at H=4096
 _INBOX_MAX = 64  # messages parked for recv() before the reader stops reading (TCP backpressure to the peer)
 _OUTBOX_MAX = 64  # delayed frames waiting for their delivery time before send() waits
 _CLOSE_GRACE = 1.0  # seconds to flush a last frame (a refuse) before the socket is dropped
-_MAX_PENDING = 64  # concurrent unauthenticated connections per server; more are dropped on accept
+_MAX_PENDING = 64  # unauthenticated connections per server; a newcomer past this drops the oldest
+# what an expired `timeout()` raises: TimeoutError, and on 3.10 (async_timeout) asyncio's own TimeoutError
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
+_TLS_RECORD = b"\x16\x03"  # a TLS handshake record (content type 22, version 3.x): what a ClientHello starts with
 
 
 @final
@@ -48,6 +56,7 @@ class Timeouts:
     frame: float = 30.0  # once a frame has started, its rest must arrive: 8 MiB at 10 Mbit/s is ~7 s
     heartbeat_interval: float = 1.0  # one ~10-byte ping per second is free even at 1 Mbit/s
     heartbeat_timeout: float = 5.0  # 5 missed pings: longer than a Wi-Fi spike (<= 0.25 s), short for a user
+    hello: float = 1.0  # an accepted peer's TLS handshake, then its hello: a real one sends both at once
 
 
 @contextlib.contextmanager
@@ -59,8 +68,10 @@ def _io_errors(what: str) -> Iterator[None]:
         raise
     except asyncio.IncompleteReadError as exc:
         raise StageFailed(f"{what}: peer closed the connection") from exc
-    except TimeoutError as exc:  # before OSError: TimeoutError is an OSError
+    except _TIMEOUTS as exc:  # before OSError: TimeoutError is an OSError
         raise StageTimeout(f"{what}: timed out") from exc
+    except ssl.SSLError as exc:  # before OSError too: an SSLError is an OSError
+        raise tls_error(what, exc) from exc
     except OSError as exc:
         raise StageFailed(f"{what}: {exc.strerror or exc}") from exc
 
@@ -103,6 +114,12 @@ class Link:
     def error(self) -> Exception | None:
         """Why the link is down, or None while it is up."""
         return self._error
+
+    @property
+    def tls(self) -> str | None:
+        """The TLS version the link runs (``TLSv1.3``), or None on plain TCP."""
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        return str(ssl_object.version()) if ssl_object is not None else None
 
     def start(self) -> None:
         if self._task is None:
@@ -266,15 +283,34 @@ async def _close_writer(writer: asyncio.StreamWriter) -> None:
 
 
 async def _read_frame(reader: asyncio.StreamReader, limits: Limits) -> dict[str, Any]:
+    # readexactly allocates nothing ahead: a length prefix and then silence costs 4 bytes, and the body is read
+    # only after check_length has capped it (HANDSHAKE_LIMITS: 8 KiB)
     prefix = await reader.readexactly(HEADER.size)
     (length,) = HEADER.unpack(prefix)
+    if length > limits.max_frame_bytes and prefix.startswith(_TLS_RECORD):
+        raise PeerProtocolError("the peer speaks TLS, but this node runs without it: start every node with "
+                                "--tls-cert/--tls-key/--tls-ca, or none", code="tls")
     check_length(length, limits)
     return decode_body(await reader.readexactly(length), limits)
 
 
+async def _read_hello(reader: asyncio.StreamReader, name: str, within: float) -> dict[str, Any]:
+    """An accepted peer's first frame, due within ``within`` seconds (``Timeouts.hello``)."""
+    try:
+        async with timeout(within):
+            return await _read_frame(reader, HANDSHAKE_LIMITS)
+    except _TIMEOUTS as exc:
+        raise StageTimeout(f"handshake with {name}: no hello within {within:.3g} s of connecting") from exc
+
+
 async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hs: Handshake,
-                     timeouts: Timeouts, name: str) -> Hello:
-    """Drive ``hs`` over the socket. Reads exact frames, so no byte after ``ready`` is consumed here."""
+                     timeouts: Timeouts, name: str, *, hello_within: float | None = None) -> Hello:
+    """Drive ``hs`` over the socket. Reads exact frames, so no byte after ``ready`` is consumed here.
+
+    The whole handshake gets ``timeouts.handshake``; with ``hello_within`` (the accepting side) the peer's
+    first frame must come sooner. A real peer sends its hello as soon as it is connected, so a connection that
+    has not is slow or hostile, and it gives its slot back long before the handshake's deadline.
+    """
     try:
         with _io_errors(f"handshake with {name}"):
             async with timeout(timeouts.handshake):
@@ -285,7 +321,11 @@ async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     await writer.drain()
                     if hs.state in (HandshakeState.DONE, HandshakeState.FAILED):
                         break
-                    out = hs.receive(parse_message(await _read_frame(reader, HANDSHAKE_LIMITS), HANDSHAKE_LIMITS))
+                    if hello_within is not None and hs.state is HandshakeState.AWAIT_HELLO:
+                        frame = await _read_hello(reader, name, hello_within)
+                    else:
+                        frame = await _read_frame(reader, HANDSHAKE_LIMITS)
+                    out = hs.receive(parse_message(frame, HANDSHAKE_LIMITS))
     except PeerProtocolError as exc:
         if hs.state is not HandshakeState.FAILED:
             with contextlib.suppress(Exception):
@@ -297,24 +337,36 @@ async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return hs.peer
 
 
+def _closed_before_hello(exc: StageFailed, stage: int, tls: TlsConfig | None) -> StageFailed:
+    """A stage that hangs up before its hello: say what usually causes it."""
+    if tls is None:
+        why = f"if stage {stage} runs with TLS, give this node --tls-cert/--tls-key/--tls-ca too"
+    else:  # TLS 1.3: the client's TLS handshake is over before the server has checked the client's certificate
+        why = f"stage {stage} most likely refused this node's certificate (not signed by its --tls-ca)"
+    return StageFailed(f"{exc} before its hello; {why}")
+
+
 async def connect(host: str, port: int, *, hello: Hello, expect_index: int, secret: bytes | None,
-                  limits: Limits, timeouts: Timeouts, network: Network = DIRECT) -> Link:
+                  limits: Limits, timeouts: Timeouts, network: Network = DIRECT,
+                  tls: TlsConfig | None = None) -> Link:
     """Connect to the stage expected at ``expect_index``, handshake, and return a started ``Link``.
 
     ``hello`` is a template: its nonce is replaced by a fresh random one for this connection. ``network`` makes
-    the link's transport (the default writes frames at once).
+    the link's transport (the default writes frames at once). With ``tls`` the connection is mutual TLS, and the
+    stage must run with TLS too.
     """
     name = format_address(host, port)
+    hs = Handshake(replace(hello, nonce=os.urandom(16)), secret=secret, acceptor=False, expect_index=expect_index)
     with _io_errors(f"cannot reach stage {expect_index} at {name}"):
         async with timeout(timeouts.connect):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, ssl=tls.client if tls else None)
     try:
         _set_nodelay(writer)
-        hs = Handshake(replace(hello, nonce=os.urandom(16)), secret=secret, acceptor=False,
-                       expect_index=expect_index)
         peer = await _handshake(reader, writer, hs, timeouts, name)
-    except BaseException:
+    except BaseException as exc:
         writer.close()  # flushes a refuse we may have queued, without awaiting under cancellation
+        if isinstance(exc, StageFailed) and hs.state is HandshakeState.AWAIT_HELLO:
+            raise _closed_before_hello(exc, expect_index, tls) from exc
         raise
     link = Link(reader, writer, peer=peer, limits=limits, timeouts=timeouts,
                 transport=network.transport(hello, peer), name=name)
@@ -322,34 +374,83 @@ async def connect(host: str, port: int, *, hello: Hello, expect_index: int, secr
     return link
 
 
+@final
+class PendingHandshakes:
+    """The connections a server has accepted and not yet authenticated, oldest first, at most ``limit``.
+
+    When it is full, a newcomer takes the place of the oldest, which is dropped. A real peer sends its hello at
+    once and is through in a few round trips, while every pending connection must deliver its hello within
+    ``Timeouts.hello`` and finish within ``Timeouts.handshake``: so the oldest is the one least likely to be a
+    real peer. Refusing newcomers instead would let anyone who keeps ``limit`` idle connections open lock every
+    real head out; this way they must open ``limit`` connections during one real handshake (milliseconds on a
+    LAN) to get in its way. Memory stays bounded: ``limit`` connections, each with its stream's read buffer and
+    at most one ``HANDSHAKE_LIMITS``-sized frame.
+    """
+
+    __slots__ = ("limit", "_writers")
+
+    def __init__(self, limit: int = _MAX_PENDING) -> None:
+        if limit < 1:
+            raise ConfigError(f"PendingHandshakes needs room for at least one connection, got limit={limit}")
+        self.limit = limit
+        self._writers: dict[asyncio.StreamWriter, None] = {}  # arrival order
+
+    def __len__(self) -> int:
+        return len(self._writers)
+
+    def __contains__(self, writer: object) -> bool:
+        return writer in self._writers
+
+    def admit(self, writer: asyncio.StreamWriter) -> asyncio.StreamWriter | None:
+        """Hold a place for ``writer``; when full, returns the oldest connection, which the caller drops."""
+        oldest = None
+        if len(self._writers) >= self.limit:
+            oldest = next(iter(self._writers))
+            del self._writers[oldest]
+        self._writers[writer] = None
+        return oldest
+
+    def release(self, writer: asyncio.StreamWriter) -> None:
+        """``writer``'s handshake ended; a no-op for one that was dropped to make room."""
+        self._writers.pop(writer, None)
+
+
 async def serve(host: str, port: int, *, hello: Hello, secret: bytes | None, limits: Limits,
                 timeouts: Timeouts, on_link: Callable[[Link], Awaitable[None]], network: Network = DIRECT,
-                max_pending: int = _MAX_PENDING) -> asyncio.Server:
+                tls: TlsConfig | None = None, pending: PendingHandshakes | None = None) -> asyncio.Server:
     """Listen; handshake each connection, then run ``on_link(link)`` and close the link when it returns.
 
     A failed handshake or a link that fails inside ``on_link`` is logged with the peer address and the reason
-    and closes that connection only. At most ``max_pending`` connections may be mid-handshake at once.
+    and closes that connection only. ``pending`` holds the connections in their handshake (default: at most 64,
+    a newcomer past that drops the oldest).
+
+    With ``tls``, every connection starts with a mutual TLS handshake, which asyncio runs before this code sees
+    the connection: it must end within ``timeouts.hello``, and asyncio drops a failed one without a log line
+    (only the connecting side learns why). It cannot run inside ``pending``, after the accept: Python 3.10 has
+    no ``StreamWriter.start_tls``, and under uvloop the peer's first TLS bytes reach the plain stream before a
+    handler could start TLS on it. So half-open TLS connections are bounded in time (``timeouts.hello``), not
+    in number; each holds about 40 KB under uvloop (about 300 KB under asyncio's own loop) until then.
     """
-    pending = 0
+    gate = pending if pending is not None else PendingHandshakes()
 
     async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal pending
         name = _peer_name(writer)
-        if pending >= max_pending:
-            log.warning("net.refused", peer=name, reason=f"{pending} handshakes already pending")
-            writer.transport.abort()
-            return
-        pending += 1
+        oldest = gate.admit(writer)
+        if oldest is not None:
+            log.warning("net.evicted", peer=_peer_name(oldest),
+                        reason=f"{gate.limit} handshakes pending: dropped the oldest to make room for {name}")
+            oldest.transport.abort()
         try:
             _set_nodelay(writer)
             hs = Handshake(replace(hello, nonce=os.urandom(16)), secret=secret, acceptor=True)
-            peer = await _handshake(reader, writer, hs, timeouts, name)
+            peer = await _handshake(reader, writer, hs, timeouts, name, hello_within=timeouts.hello)
         except FlowSpecError as exc:
-            log.warning("net.handshake_failed", peer=name, error=type(exc).__name__, reason=str(exc))
+            if writer in gate:  # not one dropped to make room: that was logged then
+                log.warning("net.handshake_failed", peer=name, error=type(exc).__name__, reason=str(exc))
             writer.close()
             return
         finally:
-            pending -= 1
+            gate.release(writer)
         link = Link(reader, writer, peer=peer, limits=limits, timeouts=timeouts,
                     transport=network.transport(hello, peer), name=name)
         link.start()
@@ -369,4 +470,6 @@ async def serve(host: str, port: int, *, hello: Hello, secret: bytes | None, lim
             # task (fixed in 3.12), so the cancellation ends here once the socket is dropped.
             writer.transport.abort()
 
-    return await asyncio.start_server(handle, host, port)
+    if tls is None:
+        return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(handle, host, port, ssl=tls.server, ssl_handshake_timeout=timeouts.hello)

@@ -14,7 +14,7 @@ from flowspec.config import Peers
 from flowspec.errors import ConfigError
 from flowspec.model import ModelConfig
 from flowspec.model.precision import DEFAULT_GROUP_SIZE, Precision, resolve_device
-from flowspec.net import PROTOCOL_VERSION, Hello, Limits, Timeouts
+from flowspec.net import PROTOCOL_VERSION, Hello, Limits, Timeouts, TlsConfig
 from flowspec.node.backend import Backend
 from flowspec.node.head import HeadNode
 from flowspec.node.links import StageLinks
@@ -76,23 +76,26 @@ def deployment(model: str, num_stages: int, layers: list[int] | None = None,
 
 
 def build_stage(dep: Deployment, peers: Peers, index: int, secret: bytes | None, timeouts: Timeouts,
-                backend: Backend | None = None, device: torch.device | str = "cpu") -> StageNode:
+                backend: Backend | None = None, device: torch.device | str = "cpu",
+                tls: TlsConfig | None = None) -> StageNode:
     shard = dep.shard(index)
     model = load_stage(shard, expect_fingerprint=read_manifest(shard)["fingerprint"], expect_stage=index,
                        device=device)
     nxt = peers.stage(index + 1) if index < peers.num_stages else None
     next_addresses = [(nxt.host, nxt.port), *nxt.standbys] if nxt else []
     return StageNode(index, peers.num_stages, model, dep.hello("stage", index), dep.limits(), timeouts, secret,
-                     next_addresses, backend=backend)
+                     next_addresses, backend=backend, tls=tls)
 
 
 def build_head(dep: Deployment, peers: Peers, secret: bytes | None, timeouts: Timeouts, *, drafter: Any = None,
                step_timeout: float = 30.0, recovery_timeout: float = 30.0,
-               backend: Backend | None = None, device: torch.device | str = "cpu") -> HeadNode:
+               backend: Backend | None = None, device: torch.device | str = "cpu",
+               tls: TlsConfig | None = None) -> HeadNode:
     backend = backend or Backend()
     standbys = {k: p.standbys for k, p in enumerate(peers.stages, start=1) if p.standbys}
     links = StageLinks([(p.host, p.port) for p in peers.stages], dep.hello("head", 0), dep.limits(), timeouts,
-                       secret, standbys=standbys, recovery_timeout=recovery_timeout, network=backend.network)
+                       secret, standbys=standbys, recovery_timeout=recovery_timeout, network=backend.network,
+                       tls=tls)
     return HeadNode(load_head(dep.shard(0), device=device), links, drafter=drafter, step_timeout=step_timeout,
                     backend=backend)
 

@@ -28,6 +28,7 @@ from flowspec.net import (
     Network,
     Stats,
     Timeouts,
+    TlsConfig,
     connect,
     connect_retrying,
 )
@@ -68,12 +69,13 @@ class StageLinks:
 
     def __init__(self, stages: Sequence[tuple[str, int]], hello: Hello, limits: Limits, timeouts: Timeouts,
                  secret: bytes | None, *, standbys: dict[int, list[tuple[str, int]]] | None = None,
-                 recovery_timeout: float = 30.0, network: Network = DIRECT) -> None:
+                 recovery_timeout: float = 30.0, network: Network = DIRECT, tls: TlsConfig | None = None) -> None:
         self.addresses = list(stages)
         self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
         self.standbys = standbys or {}  # stage -> standby addresses serving the same layers
         self.recovery_timeout = recovery_timeout  # 0 = fail at once when a stage is lost
         self.network = network
+        self.tls = tls  # mutual TLS on every link, or None for plain TCP
         self.links: list[Link] = []
         self._inboxes: dict[int, Inbox] = {}
         self._readers: dict[int, asyncio.Task[None]] = {}
@@ -139,7 +141,7 @@ class StageLinks:
         """Stage k at its address or a standby's, retrying an unreachable one until `deadline`."""
         def connect_one(host: str, port: int) -> Awaitable[Link]:
             return connect(host, port, hello=self.hello, expect_index=k, secret=self.secret, limits=self.limits,
-                           timeouts=self.timeouts, network=self.network)
+                           timeouts=self.timeouts, network=self.network, tls=self.tls)
 
         def waiting(address: str, waited_s: float, error: str) -> None:
             if not self._waited.get(k):

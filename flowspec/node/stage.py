@@ -32,6 +32,7 @@ from flowspec.net import (
     Segment,
     Stats,
     Timeouts,
+    TlsConfig,
     Verdict,
     connect,
     connect_retrying,
@@ -74,10 +75,11 @@ class StageNode:
 
     def __init__(self, index: int, num_stages: int, model: StageModel, hello: Hello, limits: Limits,
                  timeouts: Timeouts, secret: bytes | None, next_addresses: list[tuple[str, int]],
-                 backend: Backend | None = None) -> None:
+                 backend: Backend | None = None, tls: TlsConfig | None = None) -> None:
         self.index, self.num_stages, self.model = index, num_stages, model
         self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
         self.next_addresses = next_addresses  # the next stage, then its standbys
+        self.tls = tls  # mutual TLS on the ring link too, or None for plain TCP
         self.backend = backend or Backend()
         self.requests: dict[int, _Request] = {}
         self.orphans: dict[int, list[tuple[Verdict | Prefill | Segment, Link]]] = {}  # req -> (msg, from)
@@ -346,7 +348,8 @@ class StageNode:
         is still booting or restarting is waited for, with backoff, for up to `_RING_CONNECT_S`."""
         def connect_one(host: str, port: int) -> Awaitable[Link]:
             return connect(host, port, hello=self.hello, expect_index=self.index + 1, secret=self.secret,
-                           limits=self.limits, timeouts=self.timeouts, network=self.backend.network)
+                           limits=self.limits, timeouts=self.timeouts, network=self.backend.network,
+                           tls=self.tls)
 
         def waiting(address: str, waited_s: float, error: str) -> None:
             self.log.warning("ring.waiting", next=address, waited_s=round(waited_s, 1), reason=error)

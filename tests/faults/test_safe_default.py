@@ -1,5 +1,5 @@
 """Safe by default: a stage refuses to listen on a non-loopback address without a shared secret, before it binds
-or loads anything; --insecure (or a secret) gets past that check."""
+or loads anything; --insecure (or a secret, or TLS) gets past that check."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from flowspec.cli.node import node_parser
+from flowspec.cli.options import tls_config
+from flowspec.errors import ConfigError
+from tests.net.tls_certs import make_ca, make_leaf
 
 
 def node(tmp_path: Path, *extra: str, secret: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -36,3 +41,22 @@ def test_insecure_or_a_secret_passes_the_check(tmp_path: Path, extra: tuple[str,
     assert out.returncode == 2, out  # it goes on, and fails on the next thing: the model does not exist
     assert "without a shared secret" not in out.stderr, out.stderr
     assert "no-such-model" in out.stderr, out.stderr
+
+
+def test_tls_passes_the_check(tmp_path: Path) -> None:
+    """Mutual TLS authenticates peers as a shared secret does; its files are loaded before the model is."""
+    ca = make_ca(tmp_path / "pki", "ca")
+    leaf = make_leaf(tmp_path / "pki", "stage-1", ca)
+    out = node(tmp_path, "--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key), "--tls-ca", str(leaf.ca))
+    assert out.returncode == 2, out
+    assert "without a shared secret" not in out.stderr, out.stderr
+    assert "no-such-model" in out.stderr, out.stderr
+
+
+def test_tls_flags_come_together_and_bad_files_are_named(tmp_path: Path) -> None:
+    args = node_parser().parse_args(["--peers", "p", "--index", "1", "--model", "m", "--tls-cert", "a.pem"])
+    with pytest.raises(ConfigError, match="together; missing --tls-key, --tls-ca"):
+        tls_config(args)
+    args.tls_key, args.tls_ca = "a.key", "ca.pem"
+    with pytest.raises(ConfigError, match="cannot load the TLS certificate 'a.pem' with the key 'a.key'"):
+        tls_config(args)

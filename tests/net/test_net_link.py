@@ -13,6 +13,7 @@ import pytest
 import structlog
 import torch
 
+from flowspec.compat import timeout
 from flowspec.errors import AuthError, StageFailed, StageTimeout
 from flowspec.net import (
     HANDSHAKE_LIMITS,
@@ -22,6 +23,7 @@ from flowspec.net import (
     Hello,
     Limits,
     Link,
+    PendingHandshakes,
     Ping,
     Pong,
     Segment,
@@ -260,21 +262,50 @@ async def test_peer_close_is_stage_failed_and_close_is_idempotent(
         await link.send(segment())
 
 
-async def test_pending_handshakes_are_bounded(start_server: Callable[..., Awaitable[Server]]) -> None:
-    _, port = await start_server(max_pending=2)
+async def test_a_full_pending_set_drops_its_oldest(start_server: Callable[..., Awaitable[Server]]) -> None:
+    """A newcomer is never refused: it takes the place of the oldest pending connection."""
+    gate = PendingHandshakes(limit=2)
+    _, port = await start_server(pending=gate)
     with structlog.testing.capture_logs() as logs:
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
         await asyncio.sleep(0.05)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        assert await asyncio.wait_for(reader.read(), 2) == b""  # dropped at once
-        writer.close()
-    assert any(e["event"] == "net.refused" for e in logs)
-    for _, w in idle:
+        newcomer = await asyncio.open_connection("127.0.0.1", port)
+        first_addr = idle[0][1].get_extra_info("sockname")
+        # the oldest is dropped at once (its hello would be due only after Timeouts.hello = 1 s) ...
+        assert b"hello" in await hung_up(idle[0][0], 0.5)  # the stage's hello, then nothing
+        # ... the others keep their places (each has been sent the stage's hello, and nothing else)
+        for reader, _ in (idle[1], newcomer):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(), 0.1)
+        assert len(gate) == 2
+        async with await client(port) as link:  # takes the place of the next oldest, and is served
+            await link.send(segment())
+            assert isinstance(await link.recv(timeout_s=2), Segment)
+    [evicted, *_] = [e for e in logs if e["event"] == "net.evicted"]
+    assert evicted["peer"] == f"{first_addr[0]}:{first_addr[1]}" and "make room" in evicted["reason"]
+    assert not [e for e in logs if e["event"] == "net.handshake_failed" and e["peer"] == evicted["peer"]]
+    for _, w in (*idle, newcomer):
         w.close()
-    await asyncio.sleep(0.05)
-    async with await client(port) as link:  # slots free again
-        await link.send(segment())
-        assert isinstance(await link.recv(timeout_s=2), Segment)
+    await until_no_pending(gate)
+
+
+async def hung_up(reader: asyncio.StreamReader, within: float) -> bytes:
+    """Everything the server sends until it closes the connection: with a FIN, or with a reset when bytes it had
+    not read yet were still arriving."""
+    data = b""
+    async with timeout(within):
+        try:
+            while chunk := await reader.read(1 << 16):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+async def until_no_pending(gate: PendingHandshakes, within: float = 3.0) -> None:
+    async with timeout(within):
+        while len(gate):
+            await asyncio.sleep(0.02)
 
 
 async def test_no_tasks_leak_after_close(start_server: Callable[..., Awaitable[Server]]) -> None:
