@@ -90,7 +90,7 @@ async def test_the_head_waits_for_a_stage_that_starts_late(tiny_model: tuple[Pat
         try:
             await asyncio.wait_for(connecting, 10)
             assert {stage for stage, _, _ in waits} == {2}, waits
-            assert waits[0][1] == tiny.peers.stage(2).address and waits[-1][2] >= 1.0, waits
+            assert waits[0][1] == tiny.peers.stage(2).address and waits[-1][2] > waits[0][2], waits
             assert len(await generate(head)) == 6
         finally:
             await head.aclose()
