@@ -60,6 +60,9 @@ examples:
                    help="torch threads of the head (this process); stages use 1 each (default 1: on a small "
                         "machine shared by N+1 processes, more threads mostly spin)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--concurrency", help="instead of one request at a time: for each level, e.g. 1,2,4,8, that "
+                                         "many clients at once per mode (different prompts); writes "
+                                         "OUT/concurrency.json and .md with aggregate tokens/s and p50/p95 TTFT")
     add_precision_args(p)
     add_budget_args(p)
     p.set_defaults(handler=bench_command)
@@ -74,7 +77,15 @@ def bench_command(args: argparse.Namespace) -> int:
         raise ConfigError("--stages must be >= 1")
     if args.dilation is not None and args.dilation <= 0:
         raise ConfigError("--dilation must be > 0")
+    if args.concurrency:
+        _levels(args.concurrency)  # a bad value fails before anything starts
+        if any(m in REFERENCE_MODES for m in modes):
+            raise ConfigError("--concurrency runs the pipeline modes only; drop hf/hf-assisted from --modes")
     results = asyncio.run(run_bench(args, modes))
+    if args.concurrency:
+        print(f"identical to solo outputs: {results['identical_outputs']}; wrote {args.out}/concurrency.json, "
+              "concurrency.md", file=sys.stderr)
+        return 0 if results["identical_outputs"] else 1
     summary = results["modes"]
     for mode, m in summary.items():
         emu = f", emulated {m['emulated_tokens_per_s']} tok/s" if m.get("emulated_tokens_per_s") else ""
@@ -167,6 +178,13 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                                              cache_dir=args.cache_dir, timeouts=Timeouts(heartbeat_timeout=beat),
                                              step_timeout=max(60.0, 10 * dilation), backend=head_backend,
                                              **{**formats(args), "device": device}) as cluster:
+                if args.concurrency:
+                    levels = _levels(args.concurrency)
+                    sweep = await _concurrency_sweep(cluster, pipeline, prompts, levels, args, overrides, dilation,
+                                                     profile is not None)
+                    (out / "concurrency.json").write_text(json.dumps(sweep, indent=1))
+                    (out / "concurrency.md").write_text(_concurrency_markdown(sweep))
+                    return sweep
                 bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=args.no_progress,
                            file=sys.stderr)
                 for p_index, prompt in enumerate(prompts):
@@ -228,6 +246,81 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                       f"{args.profile or 'real CPU'}, {args.link or 'loopback'}, D={dilation:g}, "
                       f"prompt {prompts[0].source}/{prompts[0].id}")
     return results
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--concurrency takes whole numbers, e.g. 1,2,4,8; got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--concurrency levels must be >= 1, got {text!r}")
+    return levels
+
+
+async def _concurrency_sweep(cluster: Any, modes: list[str], prompts: list[Any], levels: list[int],
+                             args: argparse.Namespace, overrides: dict[str, Any], dilation: float,
+                             emulated: bool) -> dict[str, Any]:
+    """For each mode and level c: c requests started together (prompts in turn), each checked against its solo
+    output; aggregate tokens/s over the wall time, and each request's time to first token."""
+    from flowspec.api import Request
+    from flowspec.node.head import GenerationResult
+
+    request = {mode: Request(mode, args.max_new_tokens, 0.0, 1.0, 0, overrides) for mode in modes}
+    solo: dict[tuple[str, int], list[int]] = {}
+    rows = []
+    for c in levels:
+        for mode in modes:
+            picked = [i % len(prompts) for i in range(c)]
+            for i in sorted(set(picked)):
+                if (mode, i) not in solo:
+                    solo[(mode, i)] = (await cluster.generate(prompts[i].text, request[mode])).tokens
+            results = [GenerationResult() for _ in picked]
+
+            async def one(i: int, result: GenerationResult, mode: str = mode) -> None:
+                async for _ in cluster.stream_tokens(prompts[i].text, request[mode], result):
+                    pass
+
+            t0 = time.monotonic()
+            await asyncio.gather(*(one(i, r) for i, r in zip(picked, results)))
+            wall = time.monotonic() - t0
+            tokens = sum(len(r.tokens) for r in results)
+            ttfts = sorted(r.ttft_s for r in results)
+            scale = dilation if emulated else 1.0  # emulated time runs D times slower than the device's
+            row = {
+                "mode": mode, "clients": c, "tokens": tokens, "wall_s": round(wall, 3),
+                "tokens_per_s": round(tokens / wall * scale, 3),
+                "ttft_p50_s": round(_quantile(ttfts, 0.5) / scale, 4),
+                "ttft_p95_s": round(_quantile(ttfts, 0.95) / scale, 4),
+                "identical_to_solo": all(r.tokens == solo[(mode, i)] for i, r in zip(picked, results)),
+            }
+            rows.append(row)
+            print(f"{mode:>9} x{c}: {row['tokens_per_s']} tok/s, ttft p50 {row['ttft_p50_s']} s, "
+                  f"p95 {row['ttft_p95_s']} s, identical to solo: {row['identical_to_solo']}", file=sys.stderr)
+    return {"config": {"model": args.model, "draft": args.draft, "stages": args.stages, "profile": args.profile,
+                       "link": args.link, "dilation": dilation, "emulated": emulated,
+                       "max_new_tokens": args.max_new_tokens, "prompts": [f"{p.source}/{p.id}" for p in prompts],
+                       "command": "flowspec " + " ".join(shlex.quote(a) for a in sys.argv[1:])},
+            "rows": rows, "identical_outputs": all(r["identical_to_solo"] for r in rows)}
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank quantile of an ascending list."""
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, max(0, -(-int(q * 100) * len(sorted_values) // 100) - 1))]
+
+
+def _concurrency_markdown(sweep: dict[str, Any]) -> str:
+    c = sweep["config"]
+    unit = f"emulated ({c['profile']}, {c['link']}, D = {c['dilation']:g})" if c["emulated"] else "real CPU"
+    lines = [f"Concurrent clients, {c['model']} ({c['stages']} stages), {unit}; `{c['command']}`", "",
+             "| mode | clients | aggregate tok/s | TTFT p50 s | TTFT p95 s | identical to solo |",
+             "|---|---|---|---|---|---|"]
+    for r in sweep["rows"]:
+        lines.append(f"| {r['mode']} | {r['clients']} | {r['tokens_per_s']} | {r['ttft_p50_s']} | "
+                     f"{r['ttft_p95_s']} | {'yes' if r['identical_to_solo'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
 
 
 def _segment_rows(modes: list[str], stages: int, overrides: dict[str, Any]) -> int:
