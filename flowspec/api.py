@@ -29,7 +29,7 @@ from flowspec.model.precision import DEFAULT_GROUP_SIZE, resolve_device
 from flowspec.net import Timeouts
 from flowspec.node.backend import Backend
 from flowspec.node.build import Deployment, build_head, deployment, device_for, precisions_for
-from flowspec.node.head import GenerationResult, HeadNode
+from flowspec.node.head import MAX_REQUESTS, GenerationResult, HeadNode
 from flowspec.node.local import LocalCluster
 from flowspec.sched import Budget, Mode, SamplingParams
 
@@ -68,6 +68,7 @@ class Cluster:
         self.draft_spec = draft.name if isinstance(draft, Drafter) else draft
         if isinstance(draft, Drafter):
             head.drafter = draft
+        self._drafter_loading = asyncio.Lock()  # concurrent first requests load the drafter once
         self.tokenizer = load_tokenizer(dep.model, cache_dir)
         self.eos_ids = _eos_ids(resolve(dep.model, cache_dir), self.tokenizer, dep.config.eos_token_ids)
 
@@ -77,11 +78,11 @@ class Cluster:
                           layers: list[int] | None = None, cache_dir: str | None = None,
                           timeouts: Timeouts | None = None, recovery_timeout: float = 30.0,
                           node_args: Sequence[str] = (), step_timeout: float = 60.0, device: str = "auto",
-                          dtype: str = "auto", quant: str = "none",
-                          group_size: int = DEFAULT_GROUP_SIZE) -> Cluster:
+                          dtype: str = "auto", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE,
+                          max_requests: int = MAX_REQUESTS) -> Cluster:
         """Start `stages` stage processes on loopback and connect to them (`node_args`: more flowspec-node
         options for every stage). Every stage and the head run on `device` in `dtype` with `quant` weights
-        (see flowspec.model.precision). The processes end with `aclose()`."""
+        (see flowspec.model.precision). The processes end with `aclose()`. `max_requests`: see `connect`."""
         device = str(resolve_device(device))  # every part runs here: `auto` means this machine's GPU, if any
         formats = ["--device", device, "--dtype", dtype, "--quant", quant, "--group-size", str(group_size)]
         local = LocalCluster(model, stages, layers, cache_dir, extra_args=[*formats, *node_args])
@@ -91,7 +92,7 @@ class Cluster:
         await local.start()
         try:
             return await cls._connect(local.peers, dep, draft, cache_dir, None, timeouts, step_timeout,
-                                      recovery_timeout, Backend(), device, local)
+                                      recovery_timeout, Backend(), device, local, max_requests=max_requests)
         except BaseException:
             local.stop()
             raise
@@ -102,7 +103,7 @@ class Cluster:
                       step_timeout: float = 60.0, recovery_timeout: float = 30.0,
                       backend: Backend | None = None, device: str = "auto", dtype: str = "auto",
                       quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE,
-                      on_waiting: WaitingCallback | None = None) -> Cluster:
+                      on_waiting: WaitingCallback | None = None, max_requests: int = MAX_REQUESTS) -> Cluster:
         """Connect to running `flowspec-node` processes listed in a peers file (the head is line 1).
 
         A stage that is not up yet (booting, restarting) is waited for, retrying with backoff, for up to
@@ -114,21 +115,29 @@ class Cluster:
         compute runs and how its links reach the wire (flowspec.node.Backend; the default is this machine).
         `device`, `dtype`, `quant`, `group_size`: the pipeline's number formats, as every stage was started
         with them (a peers-file line's device=/dtype=/quant= wins); a stage that disagrees is refused.
+        `max_requests`: requests generated at once (up to a stage's limit, 8); more wait for a place. Requests
+        in flight together interleave on the stages, and each produces what it would alone.
         """
         parsed = peers if isinstance(peers, Peers) else read_peers(peers)
         precisions = precisions_for(parsed, dtype, quant, group_size, device)
         dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir, precisions, prepare=[0])
         return await cls._connect(parsed, dep, draft, cache_dir, secret or load_secret(), timeouts, step_timeout,
-                                  recovery_timeout, backend or Backend(), device, None, on_waiting)
+                                  recovery_timeout, backend or Backend(), device, None, on_waiting,
+                                  max_requests=max_requests)
 
     @classmethod
     async def _connect(cls, peers: Peers, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
                        secret: bytes | None, timeouts: Timeouts | None, step_timeout: float,
                        recovery_timeout: float, backend: Backend, device: str,
-                       local: LocalCluster | None, on_waiting: WaitingCallback | None = None) -> Cluster:
+                       local: LocalCluster | None, on_waiting: WaitingCallback | None = None, *,
+                       max_requests: int = MAX_REQUESTS) -> Cluster:
+        if not 1 <= max_requests <= MAX_REQUESTS:
+            raise ConfigError(f"max_requests must be 1..{MAX_REQUESTS} (a stage serves at most {MAX_REQUESTS} "
+                              f"requests at once), not {max_requests}")
         head_device = device_for(peers, 0, device)
         head = build_head(dep, peers, secret, timeouts or Timeouts(), step_timeout=step_timeout,
                           recovery_timeout=recovery_timeout, backend=backend, device=head_device)
+        head.max_requests = max_requests
         # the tokenizer first: loading it blocks the loop for seconds on a busy CPU, and with the links already
         # up that missed their heartbeats (every stage dropped the head; the first request needed a recovery)
         cluster = cls(head, dep, draft, cache_dir, local, head_device)
@@ -177,13 +186,14 @@ class Cluster:
                               "target's tokenizer, self, self:layers=N or random)")
         from flowspec.store import make_drafter
 
-        # on a worker thread: loading takes seconds, and a blocked loop misses the links' heartbeats
-        drafter = await asyncio.to_thread(make_drafter, spec, self.dep.model, self.cache_dir, 0, 1024,
-                                          self.dep.precisions[0], self.device)
-        if self.head.drafter is not None:
-            return  # another request loaded it meanwhile
-        self.head.drafter = drafter
-        self.draft_spec = spec
+        async with self._drafter_loading:
+            if self.head.drafter is not None:
+                return  # another request loaded it meanwhile
+            # on a worker thread: loading takes seconds, and a blocked loop misses the links' heartbeats
+            drafter = await asyncio.to_thread(make_drafter, spec, self.dep.model, self.cache_dir, 0, 1024,
+                                              self.dep.precisions[0], self.device)
+            self.head.drafter = drafter
+            self.draft_spec = spec
 
     async def stream_tokens(self, prompt: str | Sequence[int], request: Request = Request(),
                             result: GenerationResult | None = None, chat: bool = True) -> AsyncIterator[list[int]]:
