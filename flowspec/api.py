@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -167,15 +168,26 @@ class Cluster:
         """Token ids for a prompt: a user message wrapped in the chat template, raw text, or ids as given."""
         if not isinstance(prompt, str):
             return list(prompt)
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                     add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        if chat:
+            return self.encode_messages([{"role": "user", "content": prompt}])
         return list(self.tokenizer.encode(prompt))
+
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a conversation (`role`/`content` dicts) in the model's chat template, ready for the
+        assistant's answer; without a template, the contents one per line."""
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
+                                                     tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(self.tokenizer.encode("\n".join(m["content"] for m in messages)))
 
     def budget(self, request: Request) -> Budget:
         mode = Mode.parse(request.mode)
         return Budget(mode=mode, num_stages=self.head.num_stages, **request.budget)
+
+    async def prepare(self, mode: str) -> None:
+        """Load what `mode` needs (the drafter) now, rather than during its first request."""
+        await self._ensure_drafter(Mode.parse(mode))
 
     async def _ensure_drafter(self, mode: Mode) -> None:
         if mode is Mode.AR or self.head.drafter is not None:
@@ -196,29 +208,34 @@ class Cluster:
             self.draft_spec = spec
 
     async def stream_tokens(self, prompt: str | Sequence[int], request: Request = Request(),
-                            result: GenerationResult | None = None, chat: bool = True) -> AsyncIterator[list[int]]:
+                            result: GenerationResult | None = None,
+                            chat: bool = True) -> AsyncGenerator[list[int], None]:
         budget = self.budget(request)
         await self._ensure_drafter(budget.mode)
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
-        async for tokens in self.head.generate(self.encode(prompt, chat), budget, sampling,
-                                               request.max_new_tokens, self.eos_ids, result):
-            yield tokens
+        # aclosing: a consumer that stops early (break, aclose) ends the request now, not when the GC finds it
+        async with aclosing(self.head.generate(self.encode(prompt, chat), budget, sampling,
+                                               request.max_new_tokens, self.eos_ids, result)) as tokens:
+            async for new in tokens:
+                yield new
 
     async def stream(self, prompt: str | Sequence[int], request: Request | None = None,
-                     result: GenerationResult | None = None, chat: bool = True, **kwargs: Any) -> AsyncIterator[str]:
+                     result: GenerationResult | None = None, chat: bool = True,
+                     **kwargs: Any) -> AsyncGenerator[str, None]:
         """Yield text as it is generated (keyword arguments are fields of `Request`)."""
         request = replace(request or Request(), **kwargs)
         tokens: list[int] = []
         shown = ""
-        async for new in self.stream_tokens(prompt, request, result, chat):
-            tokens.extend(new)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # half a UTF-8 character: wait for the rest
-            if text.startswith(shown):
-                delta, shown = text[len(shown):], text
-                if delta:
-                    yield delta
+        async with aclosing(self.stream_tokens(prompt, request, result, chat)) as stream:
+            async for new in stream:
+                tokens.extend(new)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # half a UTF-8 character: wait for the rest
+                if text.startswith(shown):
+                    delta, shown = text[len(shown):], text
+                    if delta:
+                        yield delta
 
     async def generate(self, prompt: str | Sequence[int], request: Request | None = None, chat: bool = True,
                        **kwargs: Any) -> GenerationResult:

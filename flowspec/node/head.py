@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -80,7 +80,7 @@ class HeadNode:
 
     async def generate(self, prompt: Sequence[int], budget: Budget, sampling: SamplingParams,
                        max_new_tokens: int, eos_ids: Sequence[int] = (),
-                       result: GenerationResult | None = None) -> AsyncIterator[list[int]]:
+                       result: GenerationResult | None = None) -> AsyncGenerator[list[int], None]:
         """Yield committed tokens as they come. `result` (if given) is filled with tokens and statistics.
 
         When a stage is lost, the committed tokens are kept: once the stage (or a standby) is back, the request
@@ -105,12 +105,13 @@ class HeadNode:
                 committed = list(prompt) + result.tokens
                 generation = self.links.generation
                 try:
-                    async for tokens in self._attempt(len(prompt), committed, budget, sampling, max_new_tokens,
-                                                      eos_ids, result, draft):
-                        if not result.tokens:
-                            result.ttft_s = time.monotonic() - start
-                        result.tokens.extend(tokens)
-                        yield tokens
+                    async with contextlib.aclosing(self._attempt(len(prompt), committed, budget, sampling,
+                                                                 max_new_tokens, eos_ids, result, draft)) as tries:
+                        async for tokens in tries:
+                            if not result.tokens:
+                                result.ttft_s = time.monotonic() - start
+                            result.tokens.extend(tokens)
+                            yield tokens
                     return
                 except LinkLost as lost:
                     await self.links.recover(lost.stage, lost.reason, generation)
@@ -138,7 +139,7 @@ class HeadNode:
 
     async def _attempt(self, prompt_len: int, committed: list[int], budget: Budget, sampling: SamplingParams,
                        max_new_tokens: int, eos_ids: Sequence[int], result: GenerationResult,
-                       draft: DraftStateLike | None) -> AsyncIterator[list[int]]:
+                       draft: DraftStateLike | None) -> AsyncGenerator[list[int], None]:
         """One try on the current links: fresh, or resumed from `committed` after a loss. The driver runs as
         a task of its own (its draft jobs live in its TaskGroup, which must not span a `yield`)."""
         max_context = prompt_len + max_new_tokens + 1
