@@ -70,6 +70,10 @@ class LiveServer:
                     pass
         return out
 
+    def stage_pid(self, k: int) -> int:
+        return next(pid for pid in _children(self.proc.pid)
+                    if f"--index\0{k}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes())
+
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
 

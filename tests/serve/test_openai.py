@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -241,3 +244,17 @@ async def test_metrics_parse_and_count(server: LiveServer, client: openai.AsyncO
     assert after[("flowspec:recoveries_total", ())] == 0.0
     status, last = server.get("/v1/stats/last")
     assert status == 401  # /v1/* wants the key
+
+
+async def test_health_names_a_stage_that_is_down(server: LiveServer) -> None:
+    """Last in this module: it kills stage 2 of the module's server."""
+    stage2 = server.stage_pid(2)
+    os.kill(stage2, signal.SIGKILL)
+    deadline = time.monotonic() + 30  # the head's heartbeat timeout is 5 s
+    while server.get("/health")[0] != 503:
+        assert time.monotonic() < deadline, "/health still says ok with stage 2 killed"
+        await asyncio.sleep(0.2)
+    health = json.loads(server.get("/health")[1])
+    assert health["status"] == "degraded" and health["down"] == [2]
+    assert [s["up"] for s in health["stages"]] == [True, False] and health["stages"][1]["error"]
+    assert metrics(server)[("flowspec:stage_up", (("stage", "2"),))] == 0.0
