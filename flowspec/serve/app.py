@@ -31,7 +31,7 @@ import structlog
 from aiohttp import web
 
 from flowspec.api import Cluster, Request
-from flowspec.errors import FlowSpecError
+from flowspec.errors import FlowSpecError, RequestRejected
 from flowspec.node.head import GenerationResult
 from flowspec.serve.metrics import CONTENT_TYPE, Finished, ServeMetrics
 from flowspec.serve.schema import ApiError, Generation, Limits, parse_chat, parse_completion
@@ -179,6 +179,10 @@ class Server:
             raise ApiError(400, f"this model's context is {context} tokens; the prompt has {len(prompt)} and "
                            f"max_tokens asks for {gen.max_tokens} more", param="max_tokens",
                            code="context_length_exceeded")
+        try:
+            self.cluster.head.check_request(len(prompt), gen.max_tokens)  # the head's own rules, before a byte
+        except RequestRejected as exc:
+            raise ApiError(400, str(exc), param="max_tokens") from None
         request["request_id"] = rid = f"{kind.prefix}-{uuid.uuid4().hex}"
         with self._admitted():
             if gen.stream:
