@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast models models-qwen clean
+.PHONY: install demo test test-fast models models-qwen chromium clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,16 @@ models-qwen: install
 demo: models-qwen
 	$(BIN)/flowspec demo
 
-test: models models-qwen
+# The chat page's browser test (tests/serve/test_page.py) drives Debian's Chromium; it skips, saying so, only
+# where Chromium is missing and cannot be installed here (not root, or no apt-get).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	    echo "note: could not install chromium: the chat page's browser test will be skipped"; \
+	  else echo "note: no chromium, and no root apt-get to install it: the chat page's browser test will be skipped"; fi; }
+
+test: models models-qwen chromium
 	$(BIN)/pytest -q
 
 test-fast: models

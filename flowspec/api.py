@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from flowspec.model.precision import DEFAULT_GROUP_SIZE, resolve_device
 from flowspec.net import Timeouts, TlsConfig
 from flowspec.node.backend import Backend
 from flowspec.node.build import Deployment, build_head, deployment, device_for, precisions_for
-from flowspec.node.head import GenerationResult, HeadNode
+from flowspec.node.head import MAX_REQUESTS, GenerationResult, HeadNode
 from flowspec.node.local import LocalCluster
 from flowspec.sched import Budget, Mode, SamplingParams
 
@@ -68,6 +69,7 @@ class Cluster:
         self.draft_spec = draft.name if isinstance(draft, Drafter) else draft
         if isinstance(draft, Drafter):
             head.drafter = draft
+        self._drafter_loading = asyncio.Lock()  # concurrent first requests load the drafter once
         self.tokenizer = load_tokenizer(dep.model, cache_dir)
         self.eos_ids = _eos_ids(resolve(dep.model, cache_dir), self.tokenizer, dep.config.eos_token_ids)
 
@@ -77,12 +79,12 @@ class Cluster:
                           layers: list[int] | None = None, cache_dir: str | None = None,
                           timeouts: Timeouts | None = None, recovery_timeout: float = 30.0,
                           node_args: Sequence[str] = (), step_timeout: float = 60.0, device: str = "auto",
-                          dtype: str = "auto", quant: str = "none",
-                          group_size: int = DEFAULT_GROUP_SIZE) -> Cluster:
+                          dtype: str = "auto", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE,
+                          max_requests: int = MAX_REQUESTS) -> Cluster:
         """Start `stages` stage processes on loopback and connect to them (`node_args`: more flowspec-node
         options for every stage). Every stage and the head run on `device` in `dtype` with `quant` weights
         (see flowspec.model.precision). The processes end with `aclose()`, and never outlive this process: an app
-        that exits without it (or dies) ends them too (flowspec.node.local)."""
+        that exits without it (or dies) ends them too (flowspec.node.local). `max_requests`: see `connect`."""
         device = str(resolve_device(device))  # every part runs here: `auto` means this machine's GPU, if any
         formats = ["--device", device, "--dtype", dtype, "--quant", quant, "--group-size", str(group_size)]
         local = LocalCluster(model, stages, layers, cache_dir, extra_args=[*formats, *node_args])
@@ -92,7 +94,7 @@ class Cluster:
             dep = await asyncio.to_thread(deployment, model, stages, layers, cache_dir, precisions)
             await local.start()
             return await cls._connect(local.peers, dep, draft, cache_dir, None, timeouts, step_timeout,
-                                      recovery_timeout, Backend(), device, local)
+                                      recovery_timeout, Backend(), device, local, max_requests=max_requests)
         except BaseException:
             local.stop()
             raise
@@ -103,7 +105,8 @@ class Cluster:
                       step_timeout: float = 60.0, recovery_timeout: float = 30.0,
                       backend: Backend | None = None, device: str = "auto", dtype: str = "auto",
                       quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE,
-                      on_waiting: WaitingCallback | None = None, tls: TlsConfig | None = None) -> Cluster:
+                      on_waiting: WaitingCallback | None = None, tls: TlsConfig | None = None,
+                      max_requests: int = MAX_REQUESTS) -> Cluster:
         """Connect to running `flowspec-node` processes listed in a peers file (the head is line 1).
 
         A stage that is not up yet (booting, restarting) is waited for, retrying with backoff, for up to
@@ -117,22 +120,29 @@ class Cluster:
         with them (a peers-file line's device=/dtype=/quant= wins); a stage that disagrees is refused.
         `tls`: mutual TLS on every link (flowspec.net.TlsConfig: this head's certificate and key, and the CA that
         signed every node's certificate); the stages must run with TLS too.
+        `max_requests`: requests generated at once (up to a stage's limit, 8); more wait for a place. Requests
+        in flight together interleave on the stages, and each produces what it would alone.
         """
         parsed = peers if isinstance(peers, Peers) else read_peers(peers)
         precisions = precisions_for(parsed, dtype, quant, group_size, device)
         dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir, precisions, prepare=[0])
         return await cls._connect(parsed, dep, draft, cache_dir, secret or load_secret(), timeouts, step_timeout,
-                                  recovery_timeout, backend or Backend(), device, None, on_waiting, tls)
+                                  recovery_timeout, backend or Backend(), device, None, on_waiting, tls,
+                                  max_requests=max_requests)
 
     @classmethod
     async def _connect(cls, peers: Peers, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
                        secret: bytes | None, timeouts: Timeouts | None, step_timeout: float,
                        recovery_timeout: float, backend: Backend, device: str,
                        local: LocalCluster | None, on_waiting: WaitingCallback | None = None,
-                       tls: TlsConfig | None = None) -> Cluster:
+                       tls: TlsConfig | None = None, *, max_requests: int = MAX_REQUESTS) -> Cluster:
+        if not 1 <= max_requests <= MAX_REQUESTS:
+            raise ConfigError(f"max_requests must be 1..{MAX_REQUESTS} (a stage serves at most {MAX_REQUESTS} "
+                              f"requests at once), not {max_requests}")
         head_device = device_for(peers, 0, device)
         head = build_head(dep, peers, secret, timeouts or Timeouts(), step_timeout=step_timeout,
                           recovery_timeout=recovery_timeout, backend=backend, device=head_device, tls=tls)
+        head.max_requests = max_requests
         # the tokenizer first: loading it blocks the loop for seconds on a busy CPU, and with the links already
         # up that missed their heartbeats (every stage dropped the head; the first request needed a recovery)
         cluster = cls(head, dep, draft, cache_dir, local, head_device)
@@ -162,15 +172,26 @@ class Cluster:
         """Token ids for a prompt: a user message wrapped in the chat template, raw text, or ids as given."""
         if not isinstance(prompt, str):
             return list(prompt)
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                     add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        if chat:
+            return self.encode_messages([{"role": "user", "content": prompt}])
         return list(self.tokenizer.encode(prompt))
+
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a conversation (`role`/`content` dicts) in the model's chat template, ready for the
+        assistant's answer; without a template, the contents one per line."""
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
+                                                     tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(self.tokenizer.encode("\n".join(m["content"] for m in messages)))
 
     def budget(self, request: Request) -> Budget:
         mode = Mode.parse(request.mode)
         return Budget(mode=mode, num_stages=self.head.num_stages, **request.budget)
+
+    async def prepare(self, mode: str) -> None:
+        """Load what `mode` needs (the drafter) now, rather than during its first request."""
+        await self._ensure_drafter(Mode.parse(mode))
 
     async def _ensure_drafter(self, mode: Mode) -> None:
         if mode is Mode.AR or self.head.drafter is not None:
@@ -181,38 +202,44 @@ class Cluster:
                               "target's tokenizer, self, self:layers=N or random)")
         from flowspec.store import make_drafter
 
-        # on a worker thread: loading takes seconds, and a blocked loop misses the links' heartbeats
-        drafter = await asyncio.to_thread(make_drafter, spec, self.dep.model, self.cache_dir, 0, 1024,
-                                          self.dep.precisions[0], self.device)
-        if self.head.drafter is not None:
-            return  # another request loaded it meanwhile
-        self.head.drafter = drafter
-        self.draft_spec = spec
+        async with self._drafter_loading:
+            if self.head.drafter is not None:
+                return  # another request loaded it meanwhile
+            # on a worker thread: loading takes seconds, and a blocked loop misses the links' heartbeats
+            drafter = await asyncio.to_thread(make_drafter, spec, self.dep.model, self.cache_dir, 0, 1024,
+                                              self.dep.precisions[0], self.device)
+            self.head.drafter = drafter
+            self.draft_spec = spec
 
     async def stream_tokens(self, prompt: str | Sequence[int], request: Request = Request(),
-                            result: GenerationResult | None = None, chat: bool = True) -> AsyncIterator[list[int]]:
+                            result: GenerationResult | None = None,
+                            chat: bool = True) -> AsyncGenerator[list[int], None]:
         budget = self.budget(request)
         await self._ensure_drafter(budget.mode)
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
-        async for tokens in self.head.generate(self.encode(prompt, chat), budget, sampling,
-                                               request.max_new_tokens, self.eos_ids, result):
-            yield tokens
+        # aclosing: a consumer that stops early (break, aclose) ends the request now, not when the GC finds it
+        async with aclosing(self.head.generate(self.encode(prompt, chat), budget, sampling,
+                                               request.max_new_tokens, self.eos_ids, result)) as tokens:
+            async for new in tokens:
+                yield new
 
     async def stream(self, prompt: str | Sequence[int], request: Request | None = None,
-                     result: GenerationResult | None = None, chat: bool = True, **kwargs: Any) -> AsyncIterator[str]:
+                     result: GenerationResult | None = None, chat: bool = True,
+                     **kwargs: Any) -> AsyncGenerator[str, None]:
         """Yield text as it is generated (keyword arguments are fields of `Request`)."""
         request = replace(request or Request(), **kwargs)
         tokens: list[int] = []
         shown = ""
-        async for new in self.stream_tokens(prompt, request, result, chat):
-            tokens.extend(new)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # half a UTF-8 character: wait for the rest
-            if text.startswith(shown):
-                delta, shown = text[len(shown):], text
-                if delta:
-                    yield delta
+        async with aclosing(self.stream_tokens(prompt, request, result, chat)) as stream:
+            async for new in stream:
+                tokens.extend(new)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # half a UTF-8 character: wait for the rest
+                if text.startswith(shown):
+                    delta, shown = text[len(shown):], text
+                    if delta:
+                        yield delta
 
     async def generate(self, prompt: str | Sequence[int], request: Request | None = None, chat: bool = True,
                        **kwargs: Any) -> GenerationResult:

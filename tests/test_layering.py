@@ -19,7 +19,8 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"model"},
     "node": {"sched", "model", "store", "net", "config", "logging"},
     "api": {"node", "sched", "model", "store", "net", "config"},
-    "cli": {"api", "node", "sched", "model", "store", "net", "config", "logging", "prompts", "bench"},
+    "serve": {"api", "node", "sched", "model", "store", "net", "config", "logging"},
+    "cli": {"api", "node", "sched", "model", "store", "net", "config", "logging", "prompts", "bench", "serve"},
     "bench": {"api", "cli", "node", "sched", "model", "store", "net", "config", "logging", "prompts"},
 }
 BOTTOM = {"errors", "compat", "treemask"}

@@ -92,23 +92,24 @@ def calibrate(profile: Profile, dep: Any, drafter: Any, *, segment_rows: int, be
 
     if drafter is not None:
         ctx = list(range(100, 100 + context))
+        state = drafter.new_state()
 
         def fused() -> None:
-            drafter.sync(ctx[:-4])
-            drafter.flush()
-            drafter.sync(ctx)  # 4 newly accepted tokens: they ride in the next level's forward
-            drafter.expand(list(range(200, 200 + beam)), [-1] * beam, [context] * beam)
+            state.sync(ctx[:-4])
+            state.flush()
+            state.sync(ctx)  # 4 newly accepted tokens: they ride in the next level's forward
+            state.expand(list(range(200, 200 + beam)), [-1] * beam, [context] * beam)
 
         fused_cost = (profile.draft_level_cost(beam) + profile.tree_build
                       + max(0.0, profile.draft_context_cost(4) - profile.draft_level_cost(0)))
         note(f"draft_context_4+level_{beam}", _best_of(fused), fused_cost)
         for n in sorted({beam, draft_rows}):
             def level(n: int = n) -> None:
-                drafter.reset_scratch()
-                drafter.expand(list(range(200, 200 + n)), [-1] * n, [context] * n)
+                state.reset_scratch()
+                state.expand(list(range(200, 200 + n)), [-1] * n, [context] * n)
 
             note(f"draft_level_{n}", _best_of(level), profile.draft_level_cost(n))
-        drafter.reset_scratch()
+        state.reset_scratch()
 
     worst = max(cal.ratios.values())
     cal.dilation = max(1.0, float(f"{worst * margin:.2g}"))  # two significant digits

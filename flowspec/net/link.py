@@ -125,8 +125,9 @@ class Link:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"link {self.name}")
 
-    async def send(self, msg: Message) -> None:
-        """Write ``msg`` to the peer (or queue it, when the transport delays it). Raises the link's error."""
+    async def send(self, msg: Message) -> int:
+        """Write ``msg`` to the peer (or queue it, when the transport delays it); return its size on the wire in
+        bytes. Raises the link's error."""
         self._raise_if_down()
         frame = encode_frame(msg.to_wire())
         self.bytes_sent += len(frame)
@@ -134,8 +135,9 @@ class Link:
         deliver_at = self._transport.deliver_at(msg, len(frame), asyncio.get_running_loop().time())
         if deliver_at is None:
             await self._write(frame)
-            return
-        await self._outbox.put((deliver_at, frame))
+        else:
+            await self._outbox.put((deliver_at, frame))
+        return len(frame)
 
     async def recv(self, timeout_s: float | None = None) -> Message:
         """The next message from the peer. StageTimeout after ``timeout_s``; the link's error once it is down."""

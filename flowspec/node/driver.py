@@ -40,7 +40,7 @@ from flowspec.sched import (
     StageLost,
 )
 
-__all__ = ["GenerationResult", "RequestDriver"]
+__all__ = ["DraftStateLike", "DrafterLike", "GenerationResult", "LMHeadLike", "RequestDriver"]
 
 PREFILL_CHUNK = 60  # prompt tokens per prefill chunk: chunks overlap across stages (spec §B)
 STATS_WAIT_S = 2.0  # how long a close waits for every stage's busy intervals (they come right after close)
@@ -82,8 +82,8 @@ class GenerationResult:
                 for k in range(1, num_stages + 1)]
 
 
-class DrafterLike(Protocol):
-    """What a driver needs of a drafter (flowspec.model.Drafter)."""
+class DraftStateLike(Protocol):
+    """What a driver needs of one request's drafting state (flowspec.model.DraftState)."""
 
     @property
     def pending(self) -> int: ...
@@ -95,15 +95,25 @@ class DrafterLike(Protocol):
     def expand(self, tokens: list[int], parents: list[int], positions: list[int]) -> torch.Tensor: ...
 
 
+class DrafterLike(Protocol):
+    """What the head needs of a drafter (flowspec.model.Drafter): shared weights, a fresh state per request."""
+
+    def new_state(self, capacity: int | None = None) -> DraftStateLike: ...
+
+
 class LMHeadLike(Protocol):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 class RequestDriver:
-    """Drives `sched` through the pipeline until it is done; `emit` receives committed tokens in order."""
+    """Drives `sched` through the pipeline until it is done; `emit` receives committed tokens in order.
+
+    `drafter` is this request's own drafting state (other requests in flight draft in theirs); the compute
+    thread runs every request's jobs one at a time, so a state is only touched by its own job in order.
+    """
 
     def __init__(self, sched: Scheduler, prefill: Sequence[int], links: StageLinks, lm_head: LMHeadLike,
-                 drafter: DrafterLike | None, backend: Backend, result: GenerationResult,
+                 drafter: DraftStateLike | None, backend: Backend, result: GenerationResult,
                  step_timeout: float) -> None:
         self.sched, self.prefill, self.links, self.lm_head = sched, list(prefill), links, lm_head
         self.drafter, self.backend, self.result, self.step_timeout = drafter, backend, result, step_timeout
@@ -294,6 +304,7 @@ class RequestDriver:
             self.result.stage_memory = dict(self.inbox.memory)
             self.result.finish_reason = self.sched.finish_reason or "cancelled"
             self.result.stats = self.sched.stats
+            self.result.bytes_sent += self.inbox.bytes_sent
             self.links.close_inbox(self.req)
 
 

@@ -4,6 +4,10 @@ The parts: `StageLinks` (node/links.py) owns the connections and their recovery;
 (node/driver.py) is one try at one request around the sans-IO `flowspec.sched.Scheduler`; the `Backend`
 (node/backend.py) is the compute thread. `HeadNode.generate` ties them together: it streams a request's
 tokens and, when a stage is lost, waits for it (or a standby), then resumes from the committed tokens.
+
+Requests share the head: up to `max_requests` run at once (a stage serves at most `MAX_REQUESTS`), each with its
+own driver, scheduler and drafting state over the shared drafter weights and lm_head; their segments interleave
+on the stages, which keep one KV cache per request. Requests past the limit wait for a place.
 """
 
 from __future__ import annotations
@@ -11,18 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from flowspec.errors import LocalProtocolError, RequestRejected
 from flowspec.node.backend import Backend
-from flowspec.node.driver import DrafterLike, GenerationResult, LMHeadLike, RequestDriver
+from flowspec.node.driver import DrafterLike, DraftStateLike, GenerationResult, LMHeadLike, RequestDriver
 from flowspec.node.links import LinkLost, StageLinks
+from flowspec.node.stage import MAX_REQUESTS
 from flowspec.sched import Action, Budget, Mode, SamplingParams, Scheduler
 
-__all__ = ["GenerationResult", "HeadNode"]
+__all__ = ["MAX_REQUESTS", "GenerationResult", "HeadNode"]
 
 log = structlog.get_logger("flowspec.head")
 
@@ -34,10 +39,19 @@ class _End:
 
 class HeadNode:
     def __init__(self, lm_head: LMHeadLike, links: StageLinks, *, drafter: DrafterLike | None = None,
-                 step_timeout: float = 30.0, backend: Backend | None = None) -> None:
+                 step_timeout: float = 30.0, backend: Backend | None = None,
+                 max_requests: int = MAX_REQUESTS) -> None:
         self.lm_head, self.links, self.drafter = lm_head, links, drafter
         self.step_timeout = step_timeout  # no progress this long: a stage is stalled (heartbeats still flow)
         self.backend = backend or Backend()
+        self.max_requests = max_requests  # requests in flight at once; more wait (a stage refuses past its own)
+        self.running = 0  # requests admitted now
+        self._waiters: list[asyncio.Future[None]] = []  # requests waiting for a place
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a place (past `max_requests`)."""
+        return len(self._waiters)
 
     @property
     def num_stages(self) -> int:
@@ -66,7 +80,7 @@ class HeadNode:
 
     async def generate(self, prompt: Sequence[int], budget: Budget, sampling: SamplingParams,
                        max_new_tokens: int, eos_ids: Sequence[int] = (),
-                       result: GenerationResult | None = None) -> AsyncIterator[list[int]]:
+                       result: GenerationResult | None = None) -> AsyncGenerator[list[int], None]:
         """Yield committed tokens as they come. `result` (if given) is filled with tokens and statistics.
 
         When a stage is lost, the committed tokens are kept: once the stage (or a standby) is back, the request
@@ -78,30 +92,54 @@ class HeadNode:
         if budget.mode is not Mode.AR and self.drafter is None:
             raise LocalProtocolError(f"mode {budget.mode.value} needs a drafter")
         self.check_request(len(prompt), max_new_tokens)
+        if self.max_requests > MAX_REQUESTS:
+            raise LocalProtocolError(f"max_requests {self.max_requests}: a stage serves at most {MAX_REQUESTS}")
         result = result if result is not None else GenerationResult()
-        sent_before = self.links.bytes_sent
         start = time.monotonic()
+        await self._admit()
         try:
+            # this request's own drafting state (the drafter's weights are shared); kept across recoveries
+            draft = self.drafter.new_state(len(prompt) + max_new_tokens + 64) if budget.mode is not Mode.AR \
+                and self.drafter is not None else None
             while True:
                 committed = list(prompt) + result.tokens
+                generation = self.links.generation
                 try:
-                    async for tokens in self._attempt(len(prompt), committed, budget, sampling, max_new_tokens,
-                                                      eos_ids, result):
-                        if not result.tokens:
-                            result.ttft_s = time.monotonic() - start
-                        result.tokens.extend(tokens)
-                        yield tokens
+                    async with contextlib.aclosing(self._attempt(len(prompt), committed, budget, sampling,
+                                                                 max_new_tokens, eos_ids, result, draft)) as tries:
+                        async for tokens in tries:
+                            if not result.tokens:
+                                result.ttft_s = time.monotonic() - start
+                            result.tokens.extend(tokens)
+                            yield tokens
                     return
                 except LinkLost as lost:
-                    await self.links.recover(lost.stage, lost.reason)
+                    await self.links.recover(lost.stage, lost.reason, generation)
                     result.recoveries += 1
         finally:
+            self._leave()
             result.total_s = time.monotonic() - start
-            result.bytes_sent = self.links.bytes_sent - sent_before
+
+    async def _admit(self) -> None:
+        """Wait for a place among the `max_requests` running requests (no fixed order among the waiters)."""
+        while self.running >= self.max_requests:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        self.running += 1
+
+    def _leave(self) -> None:
+        self.running -= 1
+        for waiter in self._waiters:  # each checks again; those still over the limit wait on
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _attempt(self, prompt_len: int, committed: list[int], budget: Budget, sampling: SamplingParams,
-                       max_new_tokens: int, eos_ids: Sequence[int],
-                       result: GenerationResult) -> AsyncIterator[list[int]]:
+                       max_new_tokens: int, eos_ids: Sequence[int], result: GenerationResult,
+                       draft: DraftStateLike | None) -> AsyncGenerator[list[int], None]:
         """One try on the current links: fresh, or resumed from `committed` after a loss. The driver runs as
         a task of its own (its draft jobs live in its TaskGroup, which must not span a `yield`)."""
         max_context = prompt_len + max_new_tokens + 1
@@ -113,7 +151,7 @@ class HeadNode:
         else:
             sched = Scheduler(committed, budget, sampling, max_new_tokens, eos_ids, max_context=max_context)
             prefill = committed
-        driver = RequestDriver(sched, prefill, self.links, self.lm_head, self.drafter, self.backend, result,
+        driver = RequestDriver(sched, prefill, self.links, self.lm_head, draft, self.backend, result,
                                self.step_timeout)
         out: asyncio.Queue[list[int] | _End] = asyncio.Queue()
 

@@ -62,6 +62,7 @@ class Inbox:
     stats: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
     memory: dict[int, dict[str, int]] = field(default_factory=dict)  # stage -> weights / kv / rss bytes
     stats_done: asyncio.Event = field(default_factory=asyncio.Event)
+    bytes_sent: int = 0  # what the head put on the wire for this request (heartbeats are nobody's)
 
 
 class StageLinks:
@@ -88,6 +89,8 @@ class StageLinks:
         # Ids unique across heads: a stage drops late frames of a finished request by id, so a new head must
         # not reuse an id another head (or an earlier attempt) used on the same stages.
         self._next_req = secrets.randbits(62)
+        self.generation = 0  # recoveries done: a try begun before the latest one found the links replaced
+        self._recovering = asyncio.Lock()  # one recovery at a time, however many requests lost the stage
 
     @property
     def num_stages(self) -> int:
@@ -178,18 +181,24 @@ class StageLinks:
     async def send(self, k: int, msg: Message) -> None:
         """Send to stage k; a broken link is a lost stage (LinkLost)."""
         try:
-            await self.links[k - 1].send(msg)
+            size = await self.links[k - 1].send(msg)
         except (StageFailed, StageTimeout) as exc:
             raise LinkLost(k, str(exc)) from exc
+        self._count(msg, size)
 
     async def send_quietly(self, msg: Message) -> None:
         """Send to every stage whose link is up; failures are left to the readers to report."""
         for link in self.links:
             if link.error is None:
                 try:
-                    await link.send(msg)
+                    self._count(msg, await link.send(msg))
                 except FlowSpecError:
                     pass
+
+    def _count(self, msg: Message, size: int) -> None:
+        inbox = self._inboxes.get(getattr(msg, "req", -1))
+        if inbox is not None:
+            inbox.bytes_sent += size
 
     async def _read(self, k: int, link: Link) -> None:
         try:
@@ -216,16 +225,25 @@ class StageLinks:
                 inbox.items.put_nowait(StageLost(k, str(exc)))
 
     # -- recovery ----------------------------------------------------------------------------------------
-    async def recover(self, k: int, reason: str) -> None:
-        """Reconnect stage k (restarted, or a standby) and any other broken link, or fail after the deadline."""
-        if self.recovery_timeout <= 0:
-            raise StageFailed(f"stage {k} lost: {reason}")
-        log.warning("stage.recovering", stage=k, reason=reason, deadline_s=self.recovery_timeout)
-        deadline = time.monotonic() + self.recovery_timeout
-        broken = sorted({k} | {i for i, link in enumerate(self.links, start=1) if link.error is not None})
-        for index in broken:
-            await self._reconnect(index, deadline, reason)
-        log.warning("stage.recovered", stages=broken)
+    async def recover(self, k: int, reason: str, generation: int | None = None) -> None:
+        """Reconnect stage k (restarted, or a standby) and any other broken link, or fail after the deadline.
+
+        `generation`: `self.generation` when the caller's try began. Every request in flight loses a lost stage
+        at once; the first to get here recovers, and the others, finding the links replaced since their try
+        began and all up, just try again on them.
+        """
+        async with self._recovering:
+            if generation is not None and generation != self.generation and self.all_up:
+                return
+            if self.recovery_timeout <= 0:
+                raise StageFailed(f"stage {k} lost: {reason}")
+            log.warning("stage.recovering", stage=k, reason=reason, deadline_s=self.recovery_timeout)
+            deadline = time.monotonic() + self.recovery_timeout
+            broken = sorted({k} | {i for i, link in enumerate(self.links, start=1) if link.error is not None})
+            for index in broken:
+                await self._reconnect(index, deadline, reason)
+            self.generation += 1
+            log.warning("stage.recovered", stages=broken)
 
     async def _reconnect(self, k: int, deadline: float, reason: str) -> None:
         await self.links[k - 1].close()

@@ -45,7 +45,7 @@ __all__ = ["StageNode"]
 log = structlog.get_logger("flowspec.stage")
 
 _MAX_ORPHANS = 256  # messages held for a request whose `open` has not arrived yet
-_MAX_REQUESTS = 8  # concurrent requests per stage; each holds a KV cache
+MAX_REQUESTS = 8  # concurrent requests per stage; each holds a KV cache (a head admits no more: node/head.py)
 _MAX_ORPHAN_BYTES = 64 << 20  # tensor bytes held for unopened requests, all links together
 _ORPHAN_TTL_S = 30.0  # a request not opened this long after its first message never will be
 _TREE_SLACK_MAX = 4096  # KV slots a request may ask for beyond the context, for its draft tree
@@ -175,7 +175,7 @@ class StageNode:
             self.log.warning("orphans.expired", req=req, messages=len(dropped))
         held = self.orphans.get(msg.req, [])
         size = _tensor_bytes(msg)
-        if (len(held) >= _MAX_ORPHANS or (not held and len(self.orphans) >= _MAX_REQUESTS)
+        if (len(held) >= _MAX_ORPHANS or (not held and len(self.orphans) >= MAX_REQUESTS)
                 or self._orphan_bytes + size > _MAX_ORPHAN_BYTES):
             raise PeerProtocolError(f"too many messages for request {msg.req}, which was never opened",
                                     code="limits")
@@ -217,8 +217,8 @@ class StageNode:
 
     def _refusal(self, capacity: int) -> tuple[str, str] | None:
         """Why a request of `capacity` KV slots cannot be opened here, as (code, reason), or None."""
-        if len(self.requests) >= _MAX_REQUESTS:
-            return "busy", f"stage {self.index} already serves {_MAX_REQUESTS} requests; retry when one ends"
+        if len(self.requests) >= MAX_REQUESTS:
+            return "busy", f"stage {self.index} already serves {MAX_REQUESTS} requests; retry when one ends"
         if capacity > self.limits.max_positions + _TREE_SLACK_MAX:
             return "limits", (f"stage {self.index}: a request of {capacity} KV slots is past this model's "
                               f"context of {self.limits.max_positions} positions")

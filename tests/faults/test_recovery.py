@@ -60,6 +60,35 @@ async def test_kill9_middle_stage_and_restart_gives_the_same_tokens(pipe: Pipeli
     pipe.wait_ready(2)
 
 
+async def test_concurrent_requests_recover_together_with_the_same_tokens(pipe: Pipeline) -> None:
+    """Two requests in flight lose stage 2 at once: one recovery brings it back (not one per request, each
+    closing the other's fresh link), and both resume with their fault-free tokens."""
+    requests = [Request(mode="flowspec", max_new_tokens=NEW),
+                Request(mode="ar", max_new_tokens=24, temperature=0.8, top_p=0.95, seed=11)]
+    references = [await pipe.reference(r) for r in requests]
+    loop = asyncio.get_running_loop()
+    cluster = await pipe.head()
+    killed = asyncio.Event()
+
+    async def one(request: Request, trigger: bool) -> GenerationResult:
+        result = GenerationResult()
+        async for _ in cluster.stream_tokens(PROMPT, request, result):
+            if trigger and not killed.is_set() and len(result.tokens) >= KILL_AFTER:
+                killed.set()
+                pipe.local.kill_stage(2, signal.SIGKILL)
+                loop.call_later(1.0, pipe.local.start_stage, 2)
+        return result
+
+    try:
+        results = await asyncio.gather(one(requests[0], True), one(requests[1], False))
+        generation = cluster.head.links.generation
+    finally:
+        await cluster.aclose()
+    assert [r.tokens for r in results] == references
+    assert generation == 1, f"{generation} recoveries for one lost stage"
+    pipe.wait_ready(2)
+
+
 async def test_standby_takes_over_a_killed_stage(pipe: Pipeline) -> None:
     request = Request(mode="flowspec", max_new_tokens=NEW)
     reference = await pipe.reference(request)

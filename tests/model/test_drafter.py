@@ -30,7 +30,7 @@ def target_logprobs(folder: Path, tokens: list[int], layers: int | None = None) 
 @pytest.mark.parametrize("spec,layers", [("self", None), ("self:layers=3", 3)])
 def test_self_drafter_reproduces_target(tiny_model: Path, spec: str, layers: int | None) -> None:
     prompt = [5, 9, 2, 44, 17, 3]
-    d = make_drafter(spec, tiny_model)
+    d = make_drafter(spec, tiny_model).new_state()
     d.sync(prompt[:-1])
     got = d.expand([prompt[-1]], [-1], [len(prompt) - 1])
     want = target_logprobs(tiny_model, prompt, layers)[-1]
@@ -40,7 +40,7 @@ def test_self_drafter_reproduces_target(tiny_model: Path, spec: str, layers: int
 
 def test_expand_levels_match_paths_and_reset(tiny_llama: Path) -> None:
     ctx = [4, 8, 15, 16]
-    d = make_drafter("self", tiny_llama, capacity=5)  # small: forces the cache to grow
+    d = make_drafter("self", tiny_llama, capacity=5).new_state()  # small: forces the cache to grow
     d.sync(ctx)
     lvl1 = d.expand([23, 42], [-1, -1], [4, 4])
     lvl2 = d.expand([7, 8, 9], [0, 1, 2], [5, 5, 6])  # node 4 is a child of node 2 from this same call
@@ -52,7 +52,7 @@ def test_expand_levels_match_paths_and_reset(tiny_llama: Path) -> None:
 
 
 def test_sync_divergence_recomputes(tiny_llama: Path) -> None:
-    d = make_drafter("self", tiny_llama)
+    d = make_drafter("self", tiny_llama).new_state()
     d.sync([1, 2, 3, 4, 5, 6])
     d.expand([9], [-1], [6])
     d.sync([1, 2, 3, 7, 8])  # diverges at index 3: truncate to 3; [7, 8] go with the next expand
@@ -62,8 +62,24 @@ def test_sync_divergence_recomputes(tiny_llama: Path) -> None:
     torch.testing.assert_close(got, target_logprobs(tiny_llama, [1, 2, 3, 7, 8, 9])[-1], atol=2e-5, rtol=1e-4)
 
 
+def test_states_over_one_drafter_are_independent(tiny_llama: Path) -> None:
+    """Two requests draft at once over shared weights: interleaved syncs and levels do not disturb each other."""
+    drafter = make_drafter("self", tiny_llama)
+    a, b = drafter.new_state(), drafter.new_state()
+    a.sync([1, 2, 3])
+    lvl_a = a.expand([4, 5], [-1, -1], [3, 3])
+    b.sync([9, 8, 7, 6])  # another request's context and tree in between
+    b.expand([5], [-1], [4])
+    lvl_a2 = a.expand([6], [1], [4])  # parent 1 is a's own scratch node, whatever b holds
+    lvl_b = b.expand([4], [0], [5])
+    assert a.num_scratch == 3 and b.num_scratch == 2
+    for row, path in [(lvl_a[0], [1, 2, 3, 4]), (lvl_a[1], [1, 2, 3, 5]), (lvl_a2[0], [1, 2, 3, 5, 6])]:
+        torch.testing.assert_close(row, target_logprobs(tiny_llama, path)[-1], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lvl_b[0], target_logprobs(tiny_llama, [9, 8, 7, 6, 5, 4])[-1], atol=2e-5, rtol=1e-4)
+
+
 def test_bad_parent_is_refused_and_leaves_the_scratch_alone(tiny_llama: Path) -> None:
-    d = make_drafter("self", tiny_llama)
+    d = make_drafter("self", tiny_llama).new_state()
     d.sync([1, 2, 3])
     d.expand([4], [-1], [3])
     with pytest.raises(ModelError, match="expand: parent 2 of tree slot 2 must be -1 or an earlier slot"):
@@ -74,7 +90,7 @@ def test_bad_parent_is_refused_and_leaves_the_scratch_alone(tiny_llama: Path) ->
 
 
 def test_random_drafter_is_seeded_and_uses_target_vocab(tiny_qwen2: Path) -> None:
-    a, b = make_drafter("random", tiny_qwen2, seed=3), make_drafter("random", tiny_qwen2, seed=3)
+    a, b = make_drafter("random", tiny_qwen2, seed=3).new_state(), make_drafter("random", tiny_qwen2, seed=3).new_state()
     for d in (a, b):
         d.sync([1, 2, 3])
     la, lb = a.expand([4], [-1], [3]), b.expand([4], [-1], [3])
@@ -116,7 +132,7 @@ def test_smollm2_self_drafter_matches_transformers(smollm2: Path, smollm2_ref) -
     from flowspec.store.load import load_tokenizer
 
     prompt = load_tokenizer(smollm2)("Write a haiku about pipelines.")["input_ids"]
-    d = make_drafter("self", "smollm2-135m")
+    d = make_drafter("self", "smollm2-135m").new_state()
     d.sync(prompt[:-1])
     got = d.expand(prompt[-1:], [-1], [len(prompt) - 1])[0]
     want = torch.log_softmax(smollm2_ref(torch.tensor(prompt))[-1], -1)
@@ -125,7 +141,7 @@ def test_smollm2_self_drafter_matches_transformers(smollm2: Path, smollm2_ref) -
 
 def test_lazy_sync_fuses_the_context_pass_into_the_next_expand(tiny_llama: Path) -> None:
     """Syncing new committed tokens costs no forward of its own; the next level carries them."""
-    d = make_drafter("self", tiny_llama)
+    d = make_drafter("self", tiny_llama).new_state()
     d.sync([4, 8, 15])
     d.expand([16], [-1], [3])
     calls = []

@@ -1,0 +1,154 @@
+"""`flowspec serve`: an OpenAI-compatible HTTP server on the head, with metrics and a chat page."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import signal
+import socket
+from typing import Any
+
+import structlog
+
+from flowspec.api import Cluster
+from flowspec.cli.options import add_budget_args, add_precision_args, budget_overrides, formats
+from flowspec.errors import ConfigError
+from flowspec.logging import configure_logging
+from flowspec.net import Timeouts, install_uvloop
+from flowspec.node.head import MAX_REQUESTS
+from flowspec.serve import Limits, ServeConfig, Server
+
+__all__ = ["add_serve_command"]
+
+log = structlog.get_logger("flowspec.serve")
+_DEFAULTS = Limits()
+
+
+def add_serve_command(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (and a chat page) from the head",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Serve the pipeline over HTTP, OpenAI-style: POST /v1/chat/completions and /v1/completions (streamed as
+server-sent events, or whole), GET /v1/models, /health (503 naming any stage that is down), /metrics
+(Prometheus, vLLM's names with a flowspec: prefix) and a chat page at /. Requests run concurrently through
+the one head, each producing what it would alone; past --max-concurrent they get a 429 at once.
+
+It binds loopback by default. Another --host needs --api-key (or $FLOWSPEC_API_KEY): /v1/* then asks for
+`Authorization: Bearer KEY`.
+
+examples:
+  flowspec serve --local --stages 3 --model smollm2-135m --draft self:layers=20
+  flowspec serve --peers peers.txt --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b \\
+      --host 0.0.0.0 --api-key "$(cat ~/.flowspec-api-key)"
+then, with the openai client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")""")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="start the stages as local processes on loopback")
+    where.add_argument("--peers", help="peers file of running flowspec-node processes (this process is line 1)")
+    p.add_argument("--stages", type=int, default=4, help="stage processes for --local (default 4)")
+    p.add_argument("--layers", help="layers per stage for --local, e.g. 8,8,7,7 (default balanced)")
+    p.add_argument("--model", default="smollm2-135m", help="target model name or HF folder (and the served name)")
+    p.add_argument("--draft", help="draft: a model sharing the target's tokenizer, self, self:layers=N, random")
+    p.add_argument("--mode", default="flowspec", choices=["ar", "chunk", "pipedec", "flowspec"])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("FLOWSPEC_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default $FLOWSPEC_API_KEY); needed off "
+                        "loopback")
+    p.add_argument("--max-concurrent", type=int, default=4,
+                   help=f"requests generated at once, 1..{MAX_REQUESTS} (a stage's limit); more get a 429 "
+                        "(default 4)")
+    p.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens,
+                   help=f"the most max_tokens a request may ask for (default {_DEFAULTS.max_tokens})")
+    p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes,
+                   help=f"largest request body; larger gets a 413 (default {_DEFAULTS.max_body_bytes})")
+    p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
+    p.add_argument("--secret-file", help="shared secret for --peers (else $FLOWSPEC_SECRET)")
+    p.add_argument("--heartbeat-timeout", type=float,
+                   help="seconds of silence before a stage is declared dead (default 5; with --local also "
+                        "passed to the stage processes)")
+    p.add_argument("--recovery-timeout", type=float, default=30.0,
+                   help="seconds to wait for a lost stage to come back before its requests fail (default 30)")
+    add_precision_args(p)
+    add_budget_args(p)
+    p.set_defaults(handler=serve_command)
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond loopback without an API key: anyone on the network could use the pipeline."""
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("--api-key is empty")
+    if api_key is None and not _is_loopback(host):
+        raise ConfigError(f"refusing to serve on {host} without an API key: anyone who can reach it could use "
+                          "the pipeline. Pass --api-key KEY (or set FLOWSPEC_API_KEY), or keep --host 127.0.0.1.")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    timeouts, node_args = None, []
+    if args.heartbeat_timeout is not None:
+        timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
+                            heartbeat_timeout=args.heartbeat_timeout)
+        node_args = ["--heartbeat-timeout", repr(args.heartbeat_timeout)]
+    common = {"draft": args.draft, "cache_dir": args.cache_dir, "timeouts": timeouts,
+              "recovery_timeout": args.recovery_timeout, "max_requests": args.max_concurrent, **formats(args)}
+    if args.local:
+        cluster = await Cluster.start_local(args.model, args.stages, layers=layers, node_args=node_args, **common)
+    else:
+        from flowspec.config import load_secret
+
+        cluster = await Cluster.connect(args.peers, model=args.model, secret=load_secret(args.secret_file),
+                                        **common)
+    async with cluster:
+        await cluster.prepare(args.mode)  # the drafter now, not during the first request
+        limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
+                        default_max_tokens=min(_DEFAULTS.default_max_tokens, args.max_tokens))
+        config = ServeConfig(model=args.model, mode=args.mode, api_key=args.api_key,
+                             max_concurrent=args.max_concurrent, limits=limits, budget=budget_overrides(args))
+        from aiohttp import web
+
+        runner = web.AppRunner(Server(cluster, config).app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, args.host, args.port)
+            await site.start()
+            print(f"flowspec serve: {args.model} ({args.mode}, {cluster.head.num_stages} stages) on "
+                  f"http://{args.host}:{args.port}/ (OpenAI base_url http://{args.host}:{args.port}/v1)",
+                  flush=True)
+            log.info("serve.ready", host=args.host, port=args.port, model=args.model, mode=args.mode,
+                     stages=cluster.head.num_stages, max_concurrent=args.max_concurrent)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            await runner.cleanup()  # cancels what is in flight: each request closes on every stage
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    check_bind(args.host, args.api_key)
+    if not 1 <= args.max_concurrent <= MAX_REQUESTS:
+        raise ConfigError(f"--max-concurrent must be 1..{MAX_REQUESTS} (a stage serves at most {MAX_REQUESTS} "
+                          "requests at once)")
+    if args.stages < 1:
+        raise ConfigError("--stages must be >= 1")
+    if args.max_tokens < 1 or args.max_body_bytes < 1024:
+        raise ConfigError("--max-tokens must be >= 1 and --max-body-bytes >= 1024")
+    if args.log is None and not os.environ.get("FLOWSPEC_LOG"):
+        configure_logging("info")  # the access log: one JSON line per HTTP request
+    install_uvloop()  # one loop for the head and HTTP
+    return asyncio.run(_serve(args))

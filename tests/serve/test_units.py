@@ -1,0 +1,93 @@
+"""The serve room without a pipeline: request validation, the text stream, binding rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowspec.cli.serve import check_bind
+from flowspec.errors import ConfigError
+from flowspec.serve.schema import ApiError, Limits, parse_chat, parse_completion
+from flowspec.serve.text import TextStream
+
+LIMITS = Limits(max_messages=3, max_tokens=100, default_max_tokens=50)
+
+
+def chat(**fields: object) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def test_a_chat_request_is_read_with_openai_defaults() -> None:
+    gen = parse_chat(chat(max_tokens=7, temperature=0, stop="\n\n", seed=3, stream=True,
+                          stream_options={"include_usage": True}), LIMITS)
+    assert (gen.max_tokens, gen.temperature, gen.top_p, gen.seed, gen.stop) == (7, 0.0, 1.0, 3, ("\n\n",))
+    assert gen.stream and gen.include_usage and gen.messages == (("user", "hi"),)
+    default = parse_chat(chat(), LIMITS)
+    assert default.max_tokens == 50 and default.temperature == 1.0 and not default.stream
+    assert parse_chat(chat(max_completion_tokens=9, max_tokens=5), LIMITS).max_tokens == 9
+    parts = parse_chat({"model": "m", "messages": [{"role": "developer", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}, LIMITS)
+    assert parts.messages == (("system", "ab"),)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function"}]}, "tools"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"max_tokens": 101}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": "9"},
+                                                                             "max_completion_tokens"),
+    ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"seed": 1.5}, "seed"),
+    ({"stop": ["a"] * 5}, "stop"), ({"stop": [""]}, "stop"), ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}] * 4}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"model": ""}, "model"),
+])
+def test_unsupported_or_bad_fields_are_refused_by_name(fields: dict[str, object], param: str) -> None:
+    with pytest.raises(ApiError) as exc:
+        parse_chat(chat(**fields), LIMITS)
+    assert exc.value.status == 400 and exc.value.param == param
+    assert set(exc.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_neutral_values_and_unknown_fields_are_ignored() -> None:
+    parse_chat(chat(n=1, logprobs=False, tools=[], frequency_penalty=0, presence_penalty=0.0, user="u",
+                    metadata={"a": "b"}, logit_bias={}, response_format={"type": "text"}, something_new=1), LIMITS)
+
+
+def test_completion_prompts() -> None:
+    assert parse_completion({"model": "m", "prompt": "abc"}, LIMITS).prompt == "abc"
+    assert parse_completion({"model": "m", "prompt": ["abc"]}, LIMITS).prompt == "abc"
+    assert parse_completion({"model": "m", "prompt": [1, 2, 3]}, LIMITS).prompt == (1, 2, 3)
+    assert parse_completion({"model": "m", "prompt": "x"}, LIMITS).max_tokens == 16  # OpenAI's default
+    for bad in ("", ["a", "b"], [1, -2], None):
+        with pytest.raises(ApiError, match="prompt"):
+            parse_completion({"model": "m", "prompt": bad}, LIMITS)
+    with pytest.raises(ApiError) as exc:
+        parse_completion({"model": "m", "prompt": "x", "echo": True}, LIMITS)
+    assert exc.value.param == "echo"
+
+
+def test_text_stream_holds_back_half_characters_and_stop_strings() -> None:
+    pieces = {1: "Hello", 2: " wor", 3: "ld", 4: "\ufffd", 5: "é", 6: " END", 7: " more"}
+
+    def decode(tokens: list[int]) -> str:
+        text = "".join(pieces[t] for t in tokens)
+        return text.replace("\ufffdé", "é")  # token 4 is the first half of the character token 5 ends
+
+    s = TextStream(decode, stop=[" END"])
+    out = [s.feed([1]), s.feed([2]), s.feed([3]), s.feed([4]), s.feed([5]), s.feed([6])]
+    assert "".join(out) == "Hello worldé" and s.stopped
+    assert all(" E" not in piece for piece in out)  # never shows the start of the stop string
+    assert s.feed([7]) == "" and s.finish() == ""
+    plain = TextStream(decode)
+    assert plain.feed([1, 2]) == "Hello wor" and plain.feed([4]) == "" and plain.feed([5]) == "é"
+    assert plain.finish() == ""
+
+
+def test_a_non_loopback_host_needs_an_api_key() -> None:
+    check_bind("127.0.0.1", None)
+    check_bind("localhost", None)
+    check_bind("0.0.0.0", "key")
+    with pytest.raises(ConfigError, match="refusing to serve on 0.0.0.0 without an API key"):
+        check_bind("0.0.0.0", None)
+    with pytest.raises(ConfigError, match="empty"):
+        check_bind("127.0.0.1", " ")
