@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
     from flowspec.prompts import Prompt
 
 __all__ = ["add_budget_args", "add_precision_args", "add_sampling_args", "add_tls_args", "budget_overrides",
-           "formats", "positive_int", "result_row", "tls_config"]
+           "formats", "positive_int", "result_row", "tls_config", "WaitStatus"]
 
 
 # Argument types: a bad value is a one-line usage error from argparse, before anything starts or connects.
@@ -157,3 +158,29 @@ def result_row(prompt: Prompt, result: GenerationResult, cluster: Cluster, mode:
         "stage_memory_mib": {k: {part: round(v / 2**20, 1) for part, v in m.items()}
                              for k, m in sorted(result.stage_memory.items())},
     }
+
+
+class WaitStatus:
+    """The one-line "waiting for stage K at host:port (n s)" status while a stage is not up yet: rewritten in
+    place on a terminal while connecting, a line every few seconds otherwise (and during a recovery, when
+    answer text is on the screen)."""
+
+    EVERY_S = 5.0
+
+    def __init__(self) -> None:
+        self.inline = sys.stderr.isatty()
+        self.shown: tuple[int, float] | None = None  # (stage, waited_s) last shown
+
+    def __call__(self, stage: int, address: str, waited_s: float) -> None:
+        if not self.inline and self.shown is not None and self.shown[0] == stage \
+                and 0 <= waited_s - self.shown[1] < self.EVERY_S:
+            return
+        line = f"waiting for stage {stage} at {address} ({waited_s:.0f} s)"
+        sys.stderr.write(f"\r{line}\x1b[K" if self.inline else line + "\n")
+        sys.stderr.flush()
+        self.shown = (stage, waited_s)
+
+    def done(self) -> None:
+        if self.inline and self.shown is not None:
+            sys.stderr.write("\n")
+        self.inline, self.shown = False, None

@@ -10,6 +10,7 @@ from typing import Any
 
 from flowspec.api import Cluster, Request
 from flowspec.cli.options import (
+    WaitStatus,
     add_budget_args,
     add_precision_args,
     add_sampling_args,
@@ -114,32 +115,6 @@ async def _run(args: argparse.Namespace) -> int:
                   f"ttft {row['ttft_s']} s, {row['tokens_per_step']} tokens/step, "
                   f"mean accepted {row['mean_accepted']}, stage busy {row['utilization']}", file=sys.stderr)
     return 0
-
-
-class WaitStatus:
-    """The one-line "waiting for stage K at host:port (n s)" status while a stage is not up yet: rewritten in
-    place on a terminal while connecting, a line every few seconds otherwise (and during a recovery, when
-    answer text is on the screen)."""
-
-    EVERY_S = 5.0
-
-    def __init__(self) -> None:
-        self.inline = sys.stderr.isatty()
-        self.shown: tuple[int, float] | None = None  # (stage, waited_s) last shown
-
-    def __call__(self, stage: int, address: str, waited_s: float) -> None:
-        if not self.inline and self.shown is not None and self.shown[0] == stage \
-                and 0 <= waited_s - self.shown[1] < self.EVERY_S:
-            return
-        line = f"waiting for stage {stage} at {address} ({waited_s:.0f} s)"
-        sys.stderr.write(f"\r{line}\x1b[K" if self.inline else line + "\n")
-        sys.stderr.flush()
-        self.shown = (stage, waited_s)
-
-    def done(self) -> None:
-        if self.inline and self.shown is not None:
-            sys.stderr.write("\n")
-        self.inline, self.shown = False, None
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -13,7 +13,14 @@ from typing import Any
 import structlog
 
 from flowspec.api import Cluster
-from flowspec.cli.options import add_budget_args, add_precision_args, budget_overrides, formats
+from flowspec.cli.options import (
+    add_budget_args,
+    add_precision_args,
+    add_tls_args,
+    budget_overrides,
+    formats,
+    tls_config,
+)
 from flowspec.errors import ConfigError
 from flowspec.logging import configure_logging
 from flowspec.net import Timeouts, install_uvloop
@@ -70,6 +77,7 @@ then, with the openai client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_k
     p.add_argument("--recovery-timeout", type=float, default=30.0,
                    help="seconds to wait for a lost stage to come back before its requests fail (default 30)")
     add_precision_args(p)
+    add_tls_args(p)
     add_budget_args(p)
     p.set_defaults(handler=serve_command)
 
@@ -107,10 +115,15 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.local:
         cluster = await Cluster.start_local(args.model, args.stages, layers=layers, node_args=node_args, **common)
     else:
+        from flowspec.cli.run import WaitStatus
         from flowspec.config import load_secret
 
-        cluster = await Cluster.connect(args.peers, model=args.model, secret=load_secret(args.secret_file),
-                                        **common)
+        status = WaitStatus()
+        try:
+            cluster = await Cluster.connect(args.peers, model=args.model, secret=load_secret(args.secret_file),
+                                            on_waiting=status, tls=tls_config(args), **common)
+        finally:
+            status.done()
     async with cluster:
         await cluster.prepare(args.mode)  # the drafter now, not during the first request
         limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
@@ -141,6 +154,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def serve_command(args: argparse.Namespace) -> int:
     check_bind(args.host, args.api_key)
+    if args.local and (args.tls_cert or args.tls_key or args.tls_ca):
+        raise ConfigError("--tls-cert/--tls-key/--tls-ca are for --peers; --local stages run on loopback")
     if not 1 <= args.max_concurrent <= MAX_REQUESTS:
         raise ConfigError(f"--max-concurrent must be 1..{MAX_REQUESTS} (a stage serves at most {MAX_REQUESTS} "
                           "requests at once)")
