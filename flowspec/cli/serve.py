@@ -14,6 +14,7 @@ import structlog
 
 from flowspec.api import Cluster
 from flowspec.cli.options import (
+    WaitStatus,
     add_budget_args,
     add_precision_args,
     add_tls_args,
@@ -115,7 +116,6 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.local:
         cluster = await Cluster.start_local(args.model, args.stages, layers=layers, node_args=node_args, **common)
     else:
-        from flowspec.cli.run import WaitStatus
         from flowspec.config import load_secret
 
         status = WaitStatus()
