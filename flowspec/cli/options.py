@@ -12,8 +12,9 @@ if TYPE_CHECKING:
     from flowspec.node.head import GenerationResult
     from flowspec.prompts import Prompt
 
-__all__ = ["add_budget_args", "add_precision_args", "add_sampling_args", "add_tls_args", "budget_overrides",
-           "formats", "positive_int", "result_row", "tls_config", "WaitStatus"]
+__all__ = ["add_budget_args", "add_pipeline_args", "add_precision_args", "add_sampling_args", "add_tls_args",
+           "budget_overrides", "check_pipeline_args", "formats", "open_cluster", "positive_int", "result_row",
+           "tls_config", "WaitStatus"]
 
 
 # Argument types: a bad value is a one-line usage error from argparse, before anything starts or connects.
@@ -184,3 +185,61 @@ class WaitStatus:
         if self.inline and self.shown is not None:
             sys.stderr.write("\n")
         self.inline, self.shown = False, None
+
+
+def add_pipeline_args(p: argparse.ArgumentParser, model_help: str = "target model name or HF folder") -> None:
+    """Where the pipeline is (local stage processes, or a peers file of running nodes) and how to reach it:
+    the flags `flowspec run` and `flowspec serve` share (with the precision, TLS and budget groups)."""
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="start the stages as local processes on loopback")
+    where.add_argument("--peers", help="peers file of running flowspec-node processes (this process is line 1)")
+    p.add_argument("--stages", type=positive_int, default=4, help="stage processes for --local (default 4)")
+    p.add_argument("--layers", help="layers per stage for --local, e.g. 8,8,7,7 (default balanced)")
+    p.add_argument("--model", default="smollm2-135m", help=model_help)
+    p.add_argument("--draft", help="draft: a model sharing the target's tokenizer, self, self:layers=N, random")
+    p.add_argument("--mode", default="flowspec", choices=["ar", "chunk", "pipedec", "flowspec"])
+    p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
+    p.add_argument("--secret-file", help="shared secret for --peers (else $FLOWSPEC_SECRET)")
+    p.add_argument("--heartbeat-timeout", type=float,
+                   help="seconds of silence before a stage is declared dead (default 5; with --local also "
+                        "passed to the stage processes)")
+    p.add_argument("--recovery-timeout", type=float, default=30.0,
+                   help="seconds to wait for a stage that is not up yet or was lost (restarted, or a standby= "
+                        "address) before its requests fail; 0 = fail at once (default 30)")
+
+
+def check_pipeline_args(args: argparse.Namespace) -> None:
+    from flowspec.errors import ConfigError
+
+    if args.heartbeat_timeout is not None and args.heartbeat_timeout <= 0:
+        raise ConfigError("--heartbeat-timeout must be > 0")
+    if args.recovery_timeout < 0:
+        raise ConfigError("--recovery-timeout must be >= 0 (0 = fail at once)")
+    if args.local and (args.tls_cert or args.tls_key or args.tls_ca):
+        raise ConfigError("--tls-cert/--tls-key/--tls-ca are for --peers; --local stages run on loopback")
+
+
+async def open_cluster(args: argparse.Namespace, **extra: Any) -> Cluster:
+    """The cluster `add_pipeline_args` describes: local stage processes started here, or running nodes connected
+    to (with the waiting-for-stage status while one is not up yet). `extra`: more keyword arguments for both."""
+    from flowspec.api import Cluster
+    from flowspec.config import load_secret
+    from flowspec.net import Timeouts
+
+    timeouts, node_args = None, []
+    if args.heartbeat_timeout is not None:
+        # ping at least 4 times per timeout, so that a short timeout does not fire on a healthy peer
+        timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
+                            heartbeat_timeout=args.heartbeat_timeout)
+        node_args = ["--heartbeat-timeout", repr(args.heartbeat_timeout)]
+    common = {"draft": args.draft, "cache_dir": args.cache_dir, "timeouts": timeouts,
+              "recovery_timeout": args.recovery_timeout, **formats(args), **extra}
+    if args.local:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        return await Cluster.start_local(args.model, args.stages, layers=layers, node_args=node_args, **common)
+    status = WaitStatus()
+    try:
+        return await Cluster.connect(args.peers, model=args.model, secret=load_secret(args.secret_file),
+                                     on_waiting=status, tls=tls_config(args), **common)
+    finally:
+        status.done()

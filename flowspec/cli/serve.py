@@ -12,19 +12,18 @@ from typing import Any
 
 import structlog
 
-from flowspec.api import Cluster
 from flowspec.cli.options import (
-    WaitStatus,
     add_budget_args,
+    add_pipeline_args,
     add_precision_args,
     add_tls_args,
     budget_overrides,
-    formats,
-    tls_config,
+    check_pipeline_args,
+    open_cluster,
 )
 from flowspec.errors import ConfigError
 from flowspec.logging import configure_logging
-from flowspec.net import Timeouts, install_uvloop
+from flowspec.net import install_uvloop
 from flowspec.node.head import MAX_REQUESTS
 from flowspec.serve import Limits, ServeConfig, Server
 
@@ -50,14 +49,7 @@ examples:
   flowspec serve --peers peers.txt --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b \\
       --host 0.0.0.0 --api-key "$(cat ~/.flowspec-api-key)"
 then, with the openai client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")""")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--local", action="store_true", help="start the stages as local processes on loopback")
-    where.add_argument("--peers", help="peers file of running flowspec-node processes (this process is line 1)")
-    p.add_argument("--stages", type=int, default=4, help="stage processes for --local (default 4)")
-    p.add_argument("--layers", help="layers per stage for --local, e.g. 8,8,7,7 (default balanced)")
-    p.add_argument("--model", default="smollm2-135m", help="target model name or HF folder (and the served name)")
-    p.add_argument("--draft", help="draft: a model sharing the target's tokenizer, self, self:layers=N, random")
-    p.add_argument("--mode", default="flowspec", choices=["ar", "chunk", "pipedec", "flowspec"])
+    add_pipeline_args(p, model_help="target model name or HF folder (and the served name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("FLOWSPEC_API_KEY"),
@@ -70,13 +62,6 @@ then, with the openai client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_k
                    help=f"the most max_tokens a request may ask for (default {_DEFAULTS.max_tokens})")
     p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes,
                    help=f"largest request body; larger gets a 413 (default {_DEFAULTS.max_body_bytes})")
-    p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
-    p.add_argument("--secret-file", help="shared secret for --peers (else $FLOWSPEC_SECRET)")
-    p.add_argument("--heartbeat-timeout", type=float,
-                   help="seconds of silence before a stage is declared dead (default 5; with --local also "
-                        "passed to the stage processes)")
-    p.add_argument("--recovery-timeout", type=float, default=30.0,
-                   help="seconds to wait for a lost stage to come back before its requests fail (default 30)")
     add_precision_args(p)
     add_tls_args(p)
     add_budget_args(p)
@@ -105,25 +90,7 @@ def _is_loopback(host: str) -> bool:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    timeouts, node_args = None, []
-    if args.heartbeat_timeout is not None:
-        timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
-                            heartbeat_timeout=args.heartbeat_timeout)
-        node_args = ["--heartbeat-timeout", repr(args.heartbeat_timeout)]
-    common = {"draft": args.draft, "cache_dir": args.cache_dir, "timeouts": timeouts,
-              "recovery_timeout": args.recovery_timeout, "max_requests": args.max_concurrent, **formats(args)}
-    if args.local:
-        cluster = await Cluster.start_local(args.model, args.stages, layers=layers, node_args=node_args, **common)
-    else:
-        from flowspec.config import load_secret
-
-        status = WaitStatus()
-        try:
-            cluster = await Cluster.connect(args.peers, model=args.model, secret=load_secret(args.secret_file),
-                                            on_waiting=status, tls=tls_config(args), **common)
-        finally:
-            status.done()
+    cluster = await open_cluster(args, max_requests=args.max_concurrent)
     async with cluster:
         await cluster.prepare(args.mode)  # the drafter now, not during the first request
         limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
@@ -154,13 +121,10 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def serve_command(args: argparse.Namespace) -> int:
     check_bind(args.host, args.api_key)
-    if args.local and (args.tls_cert or args.tls_key or args.tls_ca):
-        raise ConfigError("--tls-cert/--tls-key/--tls-ca are for --peers; --local stages run on loopback")
+    check_pipeline_args(args)
     if not 1 <= args.max_concurrent <= MAX_REQUESTS:
         raise ConfigError(f"--max-concurrent must be 1..{MAX_REQUESTS} (a stage serves at most {MAX_REQUESTS} "
                           "requests at once)")
-    if args.stages < 1:
-        raise ConfigError("--stages must be >= 1")
     if args.max_tokens < 1 or args.max_body_bytes < 1024:
         raise ConfigError("--max-tokens must be >= 1 and --max-body-bytes >= 1024")
     if args.log is None and not os.environ.get("FLOWSPEC_LOG"):
