@@ -22,6 +22,7 @@ from flowspec.node.local import LocalCluster
 from flowspec.store import make_drafter
 from flowspec.store.pull import pull
 from flowspec.store.registry import RECEIPT, model_dir
+from tests.jsonlog import json_events
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECBENCH = ROOT / "data" / "specbench"
@@ -174,11 +175,4 @@ def smol_ref() -> Reference:
 
 def log_events(local: LocalCluster, index: int) -> list[dict[str, Any]]:
     """The JSON log lines of one stage process (stderr is a file: structlog's JSON renderer)."""
-    out = []
-    for line in local.logs[index].read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
+    return json_events(local.logs[index])

@@ -7,7 +7,6 @@ checks that before a test starts.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -27,6 +26,7 @@ from flowspec.node.local import LocalCluster, free_ports
 from flowspec.store import make_drafter
 from flowspec.store.pull import pull
 from flowspec.store.registry import RECEIPT, model_dir
+from tests.jsonlog import json_events
 
 SMOL = "smollm2-135m"
 DRAFT = "self:layers=20"
@@ -56,14 +56,7 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], what: st
 
 def log_events(path: Path) -> list[dict[str, Any]]:
     """The JSON log lines of one stage process (FLOWSPEC_LOG=info, stderr is a file: JSON renderer)."""
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
+    return json_events(path)
 
 
 class Pipeline:

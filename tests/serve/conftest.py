@@ -20,6 +20,7 @@ import pytest
 
 from flowspec.node.local import free_ports
 from tests.e2e.conftest import SMOL, require_model
+from tests.jsonlog import json_events
 
 API_KEY = "test-key-123"
 DRAFT = "self:layers=20"
@@ -61,14 +62,7 @@ class LiveServer:
             time.sleep(0.1)
 
     def stage_events(self, k: int) -> list[dict[str, Any]]:
-        out = []
-        for line in self.stage_logs[k].read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
+        return json_events(self.stage_logs[k])
 
     def stage_pid(self, k: int) -> int:
         return next(pid for pid in _children(self.proc.pid)
