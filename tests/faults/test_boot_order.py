@@ -72,6 +72,20 @@ async def pipeline(tiny_model: tuple[Path, Path], stages: int = 2) -> AsyncItera
         await tiny.aclose()
 
 
+@asynccontextmanager
+async def connected_head(tiny_model: tuple[Path, Path]) -> AsyncIterator[tuple[Tiny, HeadNode]]:
+    """Every stage up, and a head connected to them (closed afterwards)."""
+    async with pipeline(tiny_model) as tiny:
+        for k in (1, 2):
+            await tiny.start_stage(k)
+        head = tiny.head()
+        await head.connect()
+        try:
+            yield tiny, head
+        finally:
+            await head.aclose()
+
+
 async def generate(head: HeadNode, max_new_tokens: int = 6) -> list[int]:
     budget = Budget(mode=Mode.AR, num_stages=head.num_stages)
     return [t async for chunk in head.generate(PROMPT, budget, SamplingParams(), max_new_tokens) for t in chunk]
@@ -121,40 +135,26 @@ async def test_a_wrong_peer_is_refused_at_once_with_what_differs(tiny_model: tup
 
 async def test_a_request_past_the_context_is_refused_before_anything_is_sent(
         tiny_model: tuple[Path, Path]) -> None:
-    async with pipeline(tiny_model) as tiny:
-        for k in (1, 2):
-            await tiny.start_stage(k)
-        head = tiny.head()
-        await head.connect()
-        try:
-            sent = head.links.bytes_sent
-            with pytest.raises(RequestRejected, match=r"max_new_tokens \(100000\).*context of 4096.*at most 4085"):
-                await generate(head, max_new_tokens=100_000)
-            with pytest.raises(RequestRejected, match="the prompt .5000 tokens."):
-                budget = Budget(mode=Mode.AR, num_stages=2)
-                async for _ in head.generate([3] * 5000, budget, SamplingParams(), 8):
-                    pass
-            assert head.links.bytes_sent == sent, "a refused request reached the stages"
-            assert len(await generate(head)) == 6
-        finally:
-            await head.aclose()
+    async with connected_head(tiny_model) as (tiny, head):
+        sent = head.links.bytes_sent
+        with pytest.raises(RequestRejected, match=r"max_new_tokens \(100000\).*context of 4096.*at most 4085"):
+            await generate(head, max_new_tokens=100_000)
+        with pytest.raises(RequestRejected, match="the prompt .5000 tokens."):
+            budget = Budget(mode=Mode.AR, num_stages=2)
+            async for _ in head.generate([3] * 5000, budget, SamplingParams(), 8):
+                pass
+        assert head.links.bytes_sent == sent, "a refused request reached the stages"
+        assert len(await generate(head)) == 6
 
 
 async def test_a_stage_refuses_a_request_with_an_error_frame_and_keeps_the_link(
         tiny_model: tuple[Path, Path]) -> None:
-    async with pipeline(tiny_model) as tiny:
-        for k in (1, 2):
-            await tiny.start_stage(k)
-        head = tiny.head()
-        await head.connect()
-        try:
-            req, inbox = head.links.open_inbox()
-            await head.links.send(1, Open(req, capacity=head.links.limits.max_positions + 10_000))
-            refusal = await asyncio.wait_for(inbox.items.get(), 5)
-            head.links.close_inbox(req)
-            assert isinstance(refusal, StageError) and refusal.stage == 1 and refusal.code == "limits", refusal
-            assert "past this model's context of 4096" in refusal.reason
-            assert head.links.all_up and not tiny.nodes[1].requests
-            assert len(await generate(head)) == 6, "the stage stopped serving after refusing one request"
-        finally:
-            await head.aclose()
+    async with connected_head(tiny_model) as (tiny, head):
+        req, inbox = head.links.open_inbox()
+        await head.links.send(1, Open(req, capacity=head.links.limits.max_positions + 10_000))
+        refusal = await asyncio.wait_for(inbox.items.get(), 5)
+        head.links.close_inbox(req)
+        assert isinstance(refusal, StageError) and refusal.stage == 1 and refusal.code == "limits", refusal
+        assert "past this model's context of 4096" in refusal.reason
+        assert head.links.all_up and not tiny.nodes[1].requests
+        assert len(await generate(head)) == 6, "the stage stopped serving after refusing one request"
