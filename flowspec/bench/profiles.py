@@ -30,6 +30,7 @@ from typing import Any
 
 from flowspec.errors import ConfigError
 from flowspec.net import Message, Prefill, Segment
+from flowspec.sched.costs import CostModel, Line
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,6 +115,12 @@ class Profile:
         if x is None or not x.is_floating_point() or x.dim() != 2:
             return frame_len
         return int(x.shape[0]) * (self.row_bytes + _ROW_INDEX_BYTES) + _MESSAGE_OVERHEAD
+
+    def cost_model(self, context: int = 128) -> CostModel:
+        """The profile's cost curves as the runtime measures them at start-up (undilated)."""
+        return CostModel(stage=Line(self.stage_cost(0, context), self.b),
+                         lm_head=Line(self.lm_head_a + self.cpu_overhead, self.lm_head_b),
+                         draft=Line(self.draft_level, self.draft_level_per_token))
 
     def summary(self) -> str:
         knee = f", k1={self.k1}, b2={self.b2:g}" if self.k1 is not None else ""
