@@ -32,7 +32,7 @@ from flowspec.node.backend import Backend
 from flowspec.node.build import Deployment, build_head, deployment, device_for, precisions_for
 from flowspec.node.head import MAX_REQUESTS, GenerationResult, HeadNode
 from flowspec.node.local import LocalCluster
-from flowspec.sched import Budget, Mode, SamplingParams
+from flowspec.sched import Budget, Mode, SamplingParams, choose_budget
 
 __all__ = ["Cluster", "GenerationResult", "Request", "WaitingCallback", "default_draft"]
 
@@ -186,8 +186,10 @@ class Cluster:
         return list(self.tokenizer.encode("\n".join(m["content"] for m in messages)))
 
     def budget(self, request: Request) -> Budget:
+        """The request's tree budget: chosen from the pipeline's measured cost curves (flowspec.sched.costs),
+        with the fields the request sets winning; without measurements, Budget's defaults."""
         mode = Mode.parse(request.mode)
-        return Budget(mode=mode, num_stages=self.head.num_stages, **request.budget)
+        return choose_budget(mode, self.head.num_stages, self.head.cost_model(), **request.budget)
 
     async def prepare(self, mode: str) -> None:
         """Load what `mode` needs (the drafter) now, rather than during its first request."""
@@ -210,12 +212,13 @@ class Cluster:
                                               self.dep.precisions[0], self.device)
             self.head.drafter = drafter
             self.draft_spec = spec
+            await self.head.probe()  # what a drafter level costs here: budgets depend on it
 
     async def stream_tokens(self, prompt: str | Sequence[int], request: Request = Request(),
                             result: GenerationResult | None = None,
                             chat: bool = True) -> AsyncGenerator[list[int], None]:
+        await self._ensure_drafter(Mode.parse(request.mode))
         budget = self.budget(request)
-        await self._ensure_drafter(budget.mode)
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         # aclosing: a consumer that stops early (break, aclose) ends the request now, not when the GC finds it
         async with aclosing(self.head.generate(self.encode(prompt, chat), budget, sampling,

@@ -86,6 +86,7 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
                         heartbeat_timeout=args.heartbeat_timeout)
     backend = make_backend(peers, args.index) if make_backend is not None else Backend()
     node = build_stage(dep, peers, args.index, secret, timeouts, backend=backend, device=device, tls=tls)
+    await node.probe()
     server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
                          timeouts=timeouts, on_link=node.on_link, network=backend.network, tls=tls)
     precision = precisions[args.index]

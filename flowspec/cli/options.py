@@ -111,12 +111,16 @@ def tls_config(args: argparse.Namespace) -> TlsConfig | None:
 _BUDGET_FLAGS = {  # flag -> Budget field
     "tree_tokens": "init_tokens", "topk": "topk", "depth": "depth", "expand_tokens": "expand_tokens",
     "expand_depth": "expand_depth", "segment": "segment", "width": "width", "in_flight": "in_flight",
-    "eager_root": "eager_root", "expand_from_leaf": "expand_from_leaf",
+    "eager_root": "eager_root", "expand_from_leaf": "expand_from_leaf", "draft_ahead": "draft_ahead",
+    "lookup": "lookup", "max_tree": "max_tree",
 }
 
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("tree budgets (defaults suit CPU stages; see BENCHMARKS.md)")
+    g = p.add_argument_group(
+        "tree budgets", "By default the runtime picks these from what a stage step, a drafter level and the "
+        "lm_head cost on the devices it runs on (measured at start-up; flowspec/sched/costs.py). Any flag set "
+        "here overrides its field.")
     g.add_argument("--tree-tokens", type=positive_int, help="draft nodes in a round's first tree (chunk, flowspec)")
     g.add_argument("--topk", type=positive_int, help="children per node per level, and the beam width")
     g.add_argument("--depth", type=positive_int, help="beam levels after the first top-k level")
@@ -127,8 +131,13 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--in-flight", type=positive_int, help="segments in the pipeline at once (default stages + 1)")
     g.add_argument("--eager-root", action="store_const", const=True, default=None,
                    help="flowspec: send a round's root before its tree is drafted (for fast drafters)")
-    g.add_argument("--expand-from-leaf", action="store_const", const=True, default=None,
+    g.add_argument("--expand-from-leaf", action=argparse.BooleanOptionalAction, default=None,
                    help="flowspec: expand below the best-scored leaf of the surviving tree, not the new root")
+    g.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="flowspec: keep drafting below the best leaf while the pipeline works")
+    g.add_argument("--lookup", type=int, metavar="N",
+                   help="flowspec: tokens proposed by prompt lookup after each verdict (0 turns it off)")
+    g.add_argument("--max-tree", type=positive_int, help="live draft nodes the head keeps at most")
 
 
 def budget_overrides(args: argparse.Namespace) -> dict[str, Any]:

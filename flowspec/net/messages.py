@@ -36,10 +36,15 @@ class Hello:
     index: int
     fingerprint: str
     nonce: bytes
+    # a stage's forward cost measured at start-up, (rows, seconds) pairs: the head picks tree budgets from them
+    costs: tuple[tuple[int, float], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": self.kind, "version": self.version, "role": self.role, "index": self.index,
+        wire = {"t": self.kind, "version": self.version, "role": self.role, "index": self.index,
                 "fingerprint": self.fingerprint, "nonce": self.nonce}
+        if self.costs:  # optional on the wire: a node without measurements sends the hello it always sent
+            wire["costs"] = [[rows, seconds] for rows, seconds in self.costs]
+        return wire
 
 
 @final
@@ -196,11 +201,12 @@ class _Fields:
 
     __slots__ = ("_d", "_kind", "_limits")
 
-    def __init__(self, d: dict[str, Any], kind: str, limits: Limits, names: tuple[str, ...]) -> None:
+    def __init__(self, d: dict[str, Any], kind: str, limits: Limits, names: tuple[str, ...],
+                 optional: tuple[str, ...] = ()) -> None:
         self._d, self._kind, self._limits = d, kind, limits
         expected = {"t", *names}
-        if set(d) != expected:
-            missing, extra = sorted(expected - set(d)), sorted(set(d) - expected)
+        if not expected <= set(d) <= expected | set(optional):
+            missing, extra = sorted(expected - set(d)), sorted(set(d) - expected - set(optional))
             self._fail("", f"wrong fields (missing {missing}, unexpected {extra})")
 
     def _fail(self, name: str, what: str) -> NoReturn:
@@ -258,6 +264,20 @@ class _Fields:
                              f"got {t.dtype} {list(t.shape)}")
         return t
 
+    def costs(self, name: str) -> tuple[tuple[int, float], ...]:
+        """Optional [[rows, seconds], ...]: at most 8 pairs, rows in [1, 65536], finite seconds >= 0."""
+        v = self._d.get(name, [])
+        if type(v) is not list or len(v) > 8:
+            self._fail(name, "expected a list of at most 8 [rows, seconds]")
+        out = []
+        for item in v:
+            if (type(item) is not list or len(item) != 2 or type(item[0]) is not int
+                    or not 1 <= item[0] <= 1 << 16 or type(item[1]) not in (int, float)
+                    or not 0 <= item[1] < float("inf")):
+                self._fail(name, f"entry {item!r} is not [rows, seconds]")
+            out.append((int(item[0]), float(item[1])))
+        return tuple(out)
+
     def busy(self, name: str) -> Busy:
         v = self._d[name]
         if type(v) is not list or len(v) > self._limits.max_list_len:
@@ -287,7 +307,7 @@ class _Fields:
 
 def _hello(f: _Fields) -> Hello:
     return Hello(version=f.integer("version"), role=f.text("role", ROLES), index=f.integer("index", 0, 1 << 16),
-                 fingerprint=f.text("fingerprint"), nonce=f.blob("nonce", 16))
+                 fingerprint=f.text("fingerprint"), nonce=f.blob("nonce", 16), costs=f.costs("costs"))
 
 
 def _prefill(f: _Fields, lim: Limits) -> Prefill:
@@ -313,6 +333,7 @@ def _verdict(f: _Fields) -> Verdict:
 
 
 _Parser = Callable[[_Fields, Limits], Message]
+_OPTIONAL: dict[str, tuple[str, ...]] = {"hello": ("costs",)}  # fields a peer may leave out
 _PARSERS: dict[str, tuple[tuple[str, ...], _Parser]] = {
     "hello": (("version", "role", "index", "fingerprint", "nonce"), lambda f, lim: _hello(f)),
     "auth": (("mac",), lambda f, lim: Auth(mac=f.blob("mac", 32))),
@@ -342,4 +363,4 @@ def parse_message(d: dict[str, Any], limits: Limits) -> Message:
     if entry is None:
         raise PeerProtocolError(f"unknown message kind {kind[:64]!r}")
     names, parse = entry
-    return parse(_Fields(d, kind, limits, names), limits)
+    return parse(_Fields(d, kind, limits, names, _OPTIONAL.get(kind, ())), limits)

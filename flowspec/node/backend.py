@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TypeVar, final
+from typing import Any, TypeVar, final
 
 from flowspec.net import DIRECT, Network
 
@@ -40,13 +43,23 @@ class Work:
     context: int = 0
 
 
+# Which queued job the compute thread takes first: a stage forward or the lm_head over a returned segment (the
+# pipeline waits on them) before drafting (which only prepares later segments). Jobs of one priority run in the
+# order they came. A running job is never interrupted: drafting is split into one job per tree level instead.
+_PRIORITY = {WorkKind.STAGE_FORWARD: 0, WorkKind.LM_HEAD: 0, WorkKind.DRAFT_SYNC: 1, WorkKind.DRAFT_LEVEL: 1}
+_Job = tuple[int, int, Callable[[], Any] | None, "Future[Any] | None"]
+
+
 class Backend:
     """A node's compute thread and network. Subclasses may override ``charge`` and ``network``."""
 
     network: Network = DIRECT
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowspec-compute")
+        self._jobs: queue.PriorityQueue[_Job] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     def charge(self, work: Work, start: float, end: float) -> float:
         """Called on the compute thread after ``work`` ran over [start, end) of the monotonic clock; returns when
@@ -62,11 +75,41 @@ class Backend:
             out = fn(*args)
             return out, start, self.charge(work, start, time.monotonic())
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, job)
+        if self._closed:
+            raise RuntimeError("the backend is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="flowspec-compute", daemon=True)
+            self._thread.start()
+        done: Future[tuple[T, float, float]] = Future()
+        self._jobs.put((_PRIORITY[work.kind], next(self._order), job, done))
+        return await asyncio.wrap_future(done)
+
+    def _serve(self) -> None:
+        """The compute thread: the most urgent queued job next, one at a time, as on one device."""
+        while True:
+            _, _, job, done = self._jobs.get()
+            if job is None or done is None:
+                return
+            if not done.set_running_or_notify_cancel():
+                continue  # its caller was cancelled while it waited
+            try:
+                done.set_result(job())
+            except BaseException as exc:
+                done.set_exception(exc)
 
     def request_closed(self, req: int) -> None:
         """The node finished request ``req`` (a hook for per-request reports; nothing to do here)."""
 
     async def aclose(self) -> None:
         """Cancel queued jobs and wait for the running one, so what it uses (a drafter) is free again."""
-        await asyncio.to_thread(self._pool.shutdown, True, cancel_futures=True)
+        self._closed = True
+        while True:
+            try:
+                _, _, _, done = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if done is not None:
+                done.cancel()
+        if self._thread is not None:
+            self._jobs.put((-1, -1, None, None))  # ahead of anything: stop
+            await asyncio.to_thread(self._thread.join)

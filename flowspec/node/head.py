@@ -24,8 +24,10 @@ from flowspec.errors import LocalProtocolError, RequestRejected
 from flowspec.node.backend import Backend
 from flowspec.node.driver import DrafterLike, DraftStateLike, GenerationResult, LMHeadLike, RequestDriver
 from flowspec.node.links import LinkLost, StageLinks
+from flowspec.node.probe import line_from, probe_drafter, probe_lm_head
 from flowspec.node.stage import MAX_REQUESTS
 from flowspec.sched import Action, Budget, Mode, SamplingParams, Scheduler
+from flowspec.sched.costs import CostModel, Line
 
 __all__ = ["MAX_REQUESTS", "GenerationResult", "HeadNode"]
 
@@ -47,6 +49,8 @@ class HeadNode:
         self.max_requests = max_requests  # requests in flight at once; more wait (a stage refuses past its own)
         self.running = 0  # requests admitted now
         self._waiters: list[asyncio.Future[None]] = []  # requests waiting for a place
+        self.lm_head_cost: Line | None = None  # measured at connect (probe_lm_head)
+        self.draft_cost: Line | None = None  # measured once a drafter is there (probe_drafter)
 
     @property
     def waiting(self) -> int:
@@ -59,6 +63,23 @@ class HeadNode:
 
     async def connect(self) -> None:
         await self.links.connect()
+        await self.probe()
+
+    async def probe(self) -> None:
+        """Measure what the lm_head and the drafter (if any) cost on this head's backend (for cost_model)."""
+        if self.lm_head_cost is None:
+            self.lm_head_cost = await probe_lm_head(self.lm_head, self.links.limits.hidden_size, self.backend)
+        if self.drafter is not None and self.draft_cost is None:
+            self.draft_cost = await probe_drafter(self.drafter, self.backend)
+
+    def cost_model(self) -> CostModel | None:
+        """The pipeline's cost curves: the slowest stage's forward (as each stage measured it at start-up and
+        announced it in its hello), this head's lm_head and drafter. None until every part was measured."""
+        stages = [line_from(link.peer.costs) for link in self.links.links if link.peer.costs]
+        if len(stages) < self.num_stages or not stages or self.lm_head_cost is None:
+            return None
+        stage = Line(max(line.fixed for line in stages), max(line.per_row for line in stages))
+        return CostModel(stage=stage, lm_head=self.lm_head_cost, draft=self.draft_cost)
 
     async def aclose(self) -> None:
         await self.links.aclose()

@@ -12,7 +12,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 import torch
@@ -38,6 +38,7 @@ from flowspec.net import (
     connect_retrying,
 )
 from flowspec.node.backend import Backend, Work, WorkKind
+from flowspec.node.probe import probe_stage
 from flowspec.sched.stage import StageTree
 
 __all__ = ["StageNode"]
@@ -96,6 +97,11 @@ class StageNode:
     @property
     def is_last(self) -> bool:
         return self.index == self.num_stages
+
+    async def probe(self) -> None:
+        """Measure this stage's forward cost on its backend and announce it in its hello (before serving), so
+        the head can pick tree budgets for this device."""
+        self.hello = replace(self.hello, costs=await probe_stage(self.model, self.backend))
 
     # -- inbound ---------------------------------------------------------------------------------------
     async def on_link(self, link: Link) -> None:

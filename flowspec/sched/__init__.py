@@ -2,6 +2,7 @@
 
 from flowspec.sched.actions import Action, BroadcastVerdict, EmitTokens, Finish, RunDraft, SendSegment
 from flowspec.sched.budget import Budget, Mode
+from flowspec.sched.costs import CostModel, Line, choose_budget
 from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageError, StageLost
 from flowspec.sched.growth import Candidate, DraftJob, ExpandRequest, LayerGrowth, TreeGrowth
 from flowspec.sched.sampling import SamplingParams, choose_token
@@ -11,8 +12,8 @@ from flowspec.sched.tree import CONTEXT, DraftTree, Node, NodeState
 
 __all__ = [
     "CONTEXT", "Action", "Admission", "BroadcastVerdict", "Budget", "Cancelled", "Candidate", "Compaction",
-    "DecodeStats", "DraftJob", "DraftReady", "DraftTree", "EmitTokens", "Event", "ExpandRequest", "Finish",
-    "LayerGrowth", "Mode", "Node", "NodeState", "Prefilled", "RequestState", "RunDraft", "SamplingParams",
+    "CostModel", "DecodeStats", "DraftJob", "DraftReady", "DraftTree", "EmitTokens", "Event", "ExpandRequest", "Finish",
+    "LayerGrowth", "Line", "Mode", "Node", "NodeState", "Prefilled", "RequestState", "RunDraft", "SamplingParams",
     "Scheduler", "SegmentReturned", "SendSegment", "StageError", "StageLost", "StageTree", "TreeGrowth",
-    "choose_token",
+    "choose_budget", "choose_token",
 ]

@@ -44,6 +44,9 @@ class Budget:
     # drafting is fast next to a pipeline round trip; otherwise the root races ahead of its own drafts)
     expand_from_leaf: bool = False  # flowspec: expand below the best-scored leaf of the surviving tree instead
     # of re-drafting from the new root (deepens the likely path; the root's near levels are usually drafted)
+    draft_ahead: bool = False  # flowspec: keep drafting below the best leaf while the pipeline works (for a head
+    # with time to spare per stage step; the cost-based budgets turn it on)
+    lookup: int = 4  # flowspec: tokens proposed after each verdict by prompt lookup (sched/lookup.py); 0 = off
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:
@@ -51,7 +54,7 @@ class Budget:
         for name in ("init_tokens", "topk", "expand_tokens", "segment", "width", "max_tree"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("depth", "expand_depth", "in_flight"):
+        for name in ("depth", "expand_depth", "in_flight", "lookup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_tree < max(self.init_tokens, self.expand_tokens) + 1:

@@ -96,6 +96,9 @@ def choose_budget(mode: Mode, num_stages: int, costs: CostModel | None, **overri
         "expand_tokens": max(2, segment),
         "init_tokens": max(4, min(32, 2 * segment)),
         "expand_from_leaf": True,
+        "draft_ahead": True,
+        "lookup": min(8, max(2, segment)),
+        "max_tree": max(64, 2 * segment * (num_stages + 1)),
     }
     try:
         return Budget(mode=mode, num_stages=num_stages, **{**auto, **overrides})

@@ -88,6 +88,10 @@ class _Policy:
         """Nothing more goes out now, a slot is free and no draft job runs."""
         return None
 
+    def draft_ahead(self) -> DraftDecision:
+        """The drafter is free (whether or not a slot is): grow the tree ahead of the pipeline."""
+        return None
+
 
 class _AutoRegressive(_Policy):
     def segment_size(self) -> int:
@@ -155,9 +159,18 @@ class _FlowSpec(_Policy):
 
     def segment_size(self) -> int:
         v = self.view
-        if v.fresh_round and v.drafting and not v.budget.eager_root:
+        if v.fresh_round and v.drafting and not v.budget.eager_root and v.unsent_count <= 1:
             return 0  # a round starts: the root goes out with the first segment of its tree (paper §D.1)
         return v.budget.segment
+
+    def draft_ahead(self) -> DraftDecision:
+        """Keep drafting below the likeliest leaf while the pipeline works, up to the tree's bound and one
+        pipeline's worth of unsent nodes: after a verdict the surviving subtree then already holds the next
+        segments, so the pipeline is refilled at once instead of after an expansion."""
+        v, b = self.view, self.view.budget
+        if not b.draft_ahead or v.tree_size >= b.max_tree or v.unsent_count >= b.segment * b.slots:
+            return None
+        return self._draft(v.best_leaf_id(), b.expand_tokens, b.expand_depth)
 
     def when_idle(self) -> DraftDecision:
         """Nothing left to send and the drafter is free: deepen below the best-scored leaf."""

@@ -15,9 +15,10 @@ from typing import TypeAlias, final
 
 from flowspec.errors import LocalProtocolError
 from flowspec.sched.actions import Action, BroadcastVerdict, EmitTokens, Finish, RunDraft, SendSegment
-from flowspec.sched.budget import Budget
+from flowspec.sched.budget import Budget, Mode
 from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageError, StageLost
 from flowspec.sched.growth import Candidate, DraftDecision, DraftJob, job_for
+from flowspec.sched.lookup import LookupScore, NgramIndex
 from flowspec.sched.policies import POLICIES, SchedulerView
 from flowspec.sched.sampling import SamplingParams, choose_token
 from flowspec.sched.tree import DraftTree, Node
@@ -50,6 +51,8 @@ class DecodeStats:
     verifications: int = 0  # returned segments that committed at least one token
     committed: int = 0  # tokens generated after the first one
     drafts: int = 0  # draft jobs run
+    lookup_proposed: int = 0  # tree nodes added by prompt lookup (new ones, not merged into drafted nodes)
+    lookup_accepted: int = 0  # committed tokens that a looked-up node had proposed
     accepted_per_verification: list[int] = field(default_factory=list)
 
     @property
@@ -102,6 +105,10 @@ class Scheduler:
         self.committed_positions: dict[int, int] = {}  # node id -> position, for drafts that outlive their root
         self.in_flight: dict[int, tuple[int, ...]] = {}  # step -> node ids sent
         self.drafting = False
+        self.lookup = NgramIndex()  # prompt lookup over the committed tokens (flowspec)
+        self.lookup.extend(self.committed)
+        self.lookup_score = LookupScore()
+        self.looked_up: set[int] = set()  # live node ids a lookup proposed
         self._policy = POLICIES[budget.mode](SchedulerView(self))
 
     @classmethod
@@ -196,6 +203,7 @@ class Scheduler:
     def _on_prefilled(self, logits: object) -> list[Action]:
         token = choose_token(logits, self.sampling, len(self.committed))  # type: ignore[arg-type]
         self.committed.append(token)
+        self.lookup.extend((token,))
         self.state = RequestState.DECODING
         actions: list[Action] = [EmitTokens((token,))]
         if reason := self._stop_reason(token):
@@ -203,6 +211,7 @@ class Scheduler:
         root = self.tree.new_root(token, len(self.committed) - 1)
         self.seq += 1  # the first verdict only names the first root, so stages know it is alive
         actions.append(BroadcastVerdict(self.seq, (), root.id, self.tree.watermark))
+        self._look_up()
         actions += self._start_draft(self._policy.on_round_start())
         actions += self._fill()
         return actions
@@ -242,6 +251,7 @@ class Scheduler:
         reason = ""
         while (root := self.tree.root).logits is not None:
             token = choose_token(root.logits, self.sampling, root.position + 1)
+            self._score_lookups(root, token)
             old_root, _ = self.tree.advance_root(token)
             commit.append(old_root)
             self.committed_positions[old_root] = root.position
@@ -252,6 +262,7 @@ class Scheduler:
                 break
         if not commit:
             return []
+        self.lookup.extend(emitted)
         self.stats.verifications += 1
         self.stats.committed += len(emitted)
         self.stats.accepted_per_verification.append(len(emitted))
@@ -260,6 +271,8 @@ class Scheduler:
             return self._finish(reason, actions)
         self.seq += 1
         actions.append(BroadcastVerdict(self.seq, tuple(commit), self.tree.root_id, self.tree.watermark))
+        self.looked_up.intersection_update(self.tree.nodes)
+        self._look_up()
         policy = self._policy
         decision = policy.on_round_start() if self.tree.fresh_round else policy.on_verified()
         return actions + self._start_draft(decision)
@@ -281,6 +294,8 @@ class Scheduler:
             actions.append(self._send(nodes))
         if not self.drafting and len(self.in_flight) < self.budget.slots:
             actions += self._start_draft(self._policy.when_idle())
+        if not self.drafting:
+            actions += self._start_draft(self._policy.draft_ahead())
         return actions
 
     def _send(self, nodes: list[Node]) -> SendSegment:
@@ -338,6 +353,30 @@ class Scheduler:
         if self.tree.nodes[parent].position + 1 >= self.max_context or len(self.tree) >= self.budget.max_tree:
             return None
         return self.tree.add_child(parent, cand.token, cand.logprob).id
+
+    # -- prompt lookup: zero-cost candidates ----------------------------------------------------------------
+    def _look_up(self) -> None:
+        """Hang what followed the committed text's suffix earlier on under the root, as a chain merged by token
+        path into the tree (a token the drafter proposed too keeps its node), scored by LookupScore."""
+        if self.budget.mode is not Mode.FLOWSPEC or not self.budget.lookup:
+            return
+        node = self.tree.root
+        for token in self.lookup.propose(self.budget.lookup):
+            if node.position + 1 >= self.max_context or len(self.tree) >= self.budget.max_tree:
+                break
+            known = token in node.children
+            node = self.tree.add_child(node.id, token, self.lookup_score.logprob)
+            if not known:
+                self.looked_up.add(node.id)
+                self.stats.lookup_proposed += 1
+
+    def _score_lookups(self, root: Node, token: int) -> None:
+        """The target chose `token` after `root`: each looked-up child of root was right or wrong."""
+        for child_token, child in root.children.items():
+            if child in self.looked_up:
+                hit = child_token == token
+                self.lookup_score.record(hit)
+                self.stats.lookup_accepted += hit
 
     # -- endings --------------------------------------------------------------------------------------
     def _finish(self, reason: str, actions: list[Action]) -> list[Action]:

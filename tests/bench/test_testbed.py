@@ -89,6 +89,21 @@ async def test_one_compute_thread_serializes_the_head_device() -> None:
     await backend.aclose()
 
 
+async def test_verification_goes_before_queued_draft_levels() -> None:
+    """A returned segment's lm_head waits for the draft level that is running, never for one queued after it."""
+    backend = EmulatedBackend(PI, 1.0, num_stages=2)  # a level takes 57 ms
+    running = asyncio.ensure_future(backend.run(Work(WorkKind.DRAFT_LEVEL, rows=1), lambda: None))
+    await asyncio.sleep(0.01)  # the first level is on the compute thread now
+    queued = asyncio.ensure_future(backend.run(Work(WorkKind.DRAFT_LEVEL, rows=2), lambda: None))
+    await asyncio.sleep(0)
+    verify = asyncio.ensure_future(backend.run(Work(WorkKind.LM_HEAD, rows=4), lambda: None))
+    await asyncio.gather(running, queued, verify)
+    assert [kind for *_, kind in backend.busy] == ["draft", "lm_head", "draft"]
+    await backend.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await backend.run(Work(WorkKind.LM_HEAD, rows=1), lambda: None)
+
+
 def test_only_ring_hops_are_shaped() -> None:
     net = ShapedNetwork(JETSON, LinkShape(0.001, 1e8), num_stages=3)
     head, v1, v2, v3 = _hello("head", 0), _hello("stage", 1), _hello("stage", 2), _hello("stage", 3)

@@ -66,6 +66,14 @@ def test_handshake_ok(secret: bytes | None) -> None:
     assert c.peer == STAGE and s.peer == HEAD
 
 
+def test_a_stage_announces_its_measured_costs_in_its_hello() -> None:
+    """The optional `costs` ride in the hello the MAC covers; a hello without them still checks out."""
+    measured = replace(STAGE, costs=((1, 0.0602), (16, 0.0632)))
+    c, s = pair(b"correct horse battery staple", b"correct horse battery staple", server=measured)
+    assert c.state is s.state is HandshakeState.DONE
+    assert c.peer is not None and c.peer.costs == ((1, 0.0602), (16, 0.0632))
+
+
 def refused(c: Handshake, s: Handshake) -> tuple[str, str]:
     assert c.state is s.state is HandshakeState.FAILED
     assert isinstance(c.error, AuthError) and isinstance(s.error, AuthError)

@@ -28,14 +28,17 @@ MODES = [Mode.AR, Mode.CHUNK, Mode.PIPEDEC, Mode.FLOWSPEC]
     depth=st.integers(0, 3),
     segment=st.integers(1, 5),
     from_leaf=st.booleans(),
+    ahead=st.booleans(),
+    lookup=st.integers(0, 4),
     schedule_seed=st.integers(0, 2**32 - 1),
 )
 def test_greedy_output_equals_sequential_under_any_interleaving(
     mode: Mode, stages: int, agreement: float, prompt: list[int], topk: int, depth: int, segment: int,
-    from_leaf: bool, schedule_seed: int,
+    from_leaf: bool, ahead: bool, lookup: int, schedule_seed: int,
 ) -> None:
     budget = budget_for(mode, stages, topk=topk, depth=depth, expand_depth=depth, segment=segment,
-                        width=topk, init_tokens=8, expand_tokens=6, expand_from_leaf=from_leaf)
+                        width=topk, init_tokens=8, expand_tokens=6, expand_from_leaf=from_leaf,
+                        draft_ahead=ahead, lookup=lookup)
     sampling = SamplingParams()
     pipe = FakePipeline(prompt, budget, sampling, max_new_tokens=24, agreement=agreement, eos=(7,))
     rng = random.Random(schedule_seed)
@@ -127,3 +130,38 @@ def test_resuming_after_a_lost_pipeline_continues_the_same_output(
                               sharp=temperature == 0, resume_prompt_len=len(prompt))
         out += second.run(lambda n: rng.randrange(n))
     assert out == sequential_oracle(prompt, sampling, 30, sharp=temperature == 0)
+
+
+def _copying_target(period: int):  # type: ignore[no-untyped-def]
+    """A target that repeats the token `period` back: its text copies itself, as a summary copies a passage."""
+    import torch
+
+    from tests.sched.harness import VOCAB
+
+    def logits(sequence, sharp=True):  # type: ignore[no-untyped-def]
+        out = torch.zeros(VOCAB)
+        out[sequence[-period] if len(sequence) >= period else 0] = 10.0
+        return out
+
+    return logits
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_prompt_lookup_gains_depth_where_the_text_copies_itself(monkeypatch: pytest.MonkeyPatch,
+                                                                  ahead: bool) -> None:
+    """With a drafter that is always wrong, only looked-up tokens can be accepted: the copy is found, scored up
+    and verified several tokens at a time, and the output is still exactly sequential decoding's."""
+    import tests.sched.harness as harness
+
+    monkeypatch.setattr(harness, "target_logits", _copying_target(5))
+    prompt = [1, 2, 3, 4, 5, 6, 1, 2, 3]
+    results = {}
+    for lookup in (0, 6):
+        budget = budget_for(Mode.FLOWSPEC, 3, lookup=lookup, draft_ahead=ahead, expand_from_leaf=ahead)
+        pipe = FakePipeline(prompt, budget, SamplingParams(), max_new_tokens=40, agreement=0.0)
+        rng = random.Random(5)
+        assert pipe.run(lambda n: rng.randrange(n)) == harness.sequential_oracle(prompt, SamplingParams(), 40)
+        results[lookup] = pipe.sched.stats
+    with_lookup, without = results[6], results[0]
+    assert without.lookup_proposed == 0 and without.mean_accepted < 1.2
+    assert with_lookup.lookup_accepted > 20 and with_lookup.mean_accepted > 1.8, with_lookup
