@@ -112,7 +112,7 @@ _BUDGET_FLAGS = {  # flag -> Budget field
     "tree_tokens": "init_tokens", "topk": "topk", "depth": "depth", "expand_tokens": "expand_tokens",
     "expand_depth": "expand_depth", "segment": "segment", "width": "width", "in_flight": "in_flight",
     "eager_root": "eager_root", "expand_from_leaf": "expand_from_leaf", "draft_ahead": "draft_ahead",
-    "lookup": "lookup", "max_tree": "max_tree",
+    "lookup": "lookup", "max_tree": "max_tree", "min_reach": "min_reach",
 }
 
 
@@ -138,6 +138,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lookup", type=int, metavar="N",
                    help="flowspec: tokens proposed by prompt lookup after each verdict (0 turns it off)")
     g.add_argument("--max-tree", type=positive_int, help="live draft nodes the head keeps at most")
+    g.add_argument("--min-reach", type=float, metavar="P",
+                   help="flowspec: send a segment's later rows only for nodes the draft gives at least chance P "
+                        "of being accepted (0 sends every node)")
 
 
 def budget_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -46,6 +46,8 @@ class Budget:
     # of re-drafting from the new root (deepens the likely path; the root's near levels are usually drafted)
     draft_ahead: bool = False  # flowspec: keep drafting below the best leaf while the pipeline works (for a head
     # with time to spare per stage step; the cost-based budgets turn it on)
+    min_reach: float = 0.0  # flowspec: a segment's rows after its first, and drafting ahead, only for nodes the
+    # draft gives at least this chance of being reached (a row's price on a device whose step grows per row)
     lookup: int = 4  # flowspec: tokens proposed after each verdict by prompt lookup (sched/lookup.py); 0 = off
 
     def __post_init__(self) -> None:
@@ -57,6 +59,8 @@ class Budget:
         for name in ("depth", "expand_depth", "in_flight", "lookup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_reach < 1.0:
+            raise ConfigError(f"min_reach must be in [0, 1), got {self.min_reach}")
         if self.max_tree < max(self.init_tokens, self.expand_tokens) + 1:
             raise ConfigError("max_tree must exceed init_tokens and expand_tokens")
 

@@ -13,7 +13,9 @@ The rules, each from one ratio of the curves:
 * a draft job is as deep as the head can afford while one segment passes a stage: the head spends each stage
   step on one returned segment's lm_head, and what remains of the step on drafter levels. So a Pi-class head
   drafts one level per job (small incremental drafts) and a Jetson-class head three;
-* an expansion drafts about one segment's worth of nodes; a round's first tree two.
+* an expansion drafts about one segment's worth of nodes; a round's first tree two;
+* a row beyond a segment's first goes out only if the draft gives it at least `per_row / t(1)` chance of being
+  reached (what the row adds to a step): on a Pi a long shot waits, on a flat-cost stage every node goes.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def choose_budget(mode: Mode, num_stages: int, costs: CostModel | None, **overri
         "draft_ahead": True,
         "lookup": min(8, max(2, segment)),
         "max_tree": max(64, 2 * segment * (num_stages + 1)),
+        # a row is worth sending when its chance of being accepted pays for what it adds to a step
+        "min_reach": min(0.5, costs.stage.per_row / costs.stage(1)) if costs.stage(1) > 0 else 0.0,
     }
     try:
         return Budget(mode=mode, num_stages=num_stages, **{**auto, **overrides})

@@ -59,6 +59,10 @@ class SchedulerView:
     def best_leaf_id(self) -> int:
         return self._s.tree.best_leaf().id
 
+    def reach(self, node_id: int) -> float:
+        """The draft's chance that the accepted path reaches `node_id`."""
+        return self._s.tree.reach(node_id)
+
 
 class _Policy:
     """What a mode decides at the decision points of the shared machinery; it reads, the scheduler acts."""
@@ -170,7 +174,10 @@ class _FlowSpec(_Policy):
         v, b = self.view, self.view.budget
         if not b.draft_ahead or v.tree_size >= b.max_tree or v.unsent_count >= b.segment * b.slots:
             return None
-        return self._draft(v.best_leaf_id(), b.expand_tokens, b.expand_depth)
+        leaf = v.best_leaf_id()
+        if v.reach(leaf) < b.min_reach:
+            return None  # its children would never be worth a row
+        return self._draft(leaf, b.expand_tokens, b.expand_depth)
 
     def when_idle(self) -> DraftDecision:
         """Nothing left to send and the drafter is free: deepen below the best-scored leaf."""

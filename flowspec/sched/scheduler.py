@@ -9,6 +9,7 @@ send now, what to draft); only the scheduler changes state. No I/O, no asyncio, 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias, final
@@ -288,7 +289,7 @@ class Scheduler:
     def _fill(self) -> list[Action]:
         actions: list[Action] = []
         while len(self.in_flight) < self.budget.slots:
-            nodes = self.tree.pop_best(self._policy.segment_size())
+            nodes = self.tree.pop_best(self._policy.segment_size(), self._floor())
             if not nodes:
                 break
             actions.append(self._send(nodes))
@@ -297,6 +298,12 @@ class Scheduler:
         if not self.drafting:
             actions += self._start_draft(self._policy.draft_ahead())
         return actions
+
+    def _floor(self) -> float:
+        """The lowest score worth a row after a segment's first (Budget.min_reach), as an absolute score."""
+        if self.budget.min_reach <= 0.0:
+            return -math.inf
+        return self.tree.root.score + math.log(self.budget.min_reach)
 
     def _send(self, nodes: list[Node]) -> SendSegment:
         self.stats.steps += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -124,24 +125,33 @@ class DraftTree:
         """`node`'s parent as the stages see it: the root hangs under the committed context."""
         return CONTEXT if node.id == self.root_id else node.parent
 
+    def reach(self, node_id: int) -> float:
+        """The draft's estimate of the chance that the accepted path reaches `node_id` from the root."""
+        return math.exp(self.nodes[node_id].score - self.root.score)
+
     def best_leaf(self) -> Node:
         """The leaf most likely to lie on the accepted path (highest cumulative draft score, then oldest)."""
         leaves = [n for n in self.nodes.values() if not n.children]
         return max(leaves, key=lambda n: (n.score, -n.id))
 
     # -- the priority queue -----------------------------------------------------------------------------
-    def pop_best(self, limit: int) -> list[Node]:
-        """Up to `limit` unsent live nodes, best cumulative score first; marks them in flight.
+    def pop_best(self, limit: int, floor: float = -math.inf) -> list[Node]:
+        """Up to `limit` unsent live nodes, best cumulative score first; marks them in flight. After the first,
+        only nodes scoring at least `floor` are taken (the rest stay queued).
 
         A child never outscores its parent (log-probs <= 0) and ties go to the older id, so a node's parent is
         always popped before it: every prefix of the pops is ancestor-closed.
         """
         taken: list[Node] = []
         while self._queue and len(taken) < limit:
-            _, node_id = heapq.heappop(self._queue)
+            negative_score, node_id = self._queue[0]
             node = self.nodes.get(node_id)
             if node is None or node.state is not NodeState.UNSENT:
+                heapq.heappop(self._queue)
                 continue  # dead or already sent: lazy deletion
+            if taken and -negative_score < floor:
+                break
+            heapq.heappop(self._queue)
             if node.parent != CONTEXT and node.id != self.root_id:
                 parent = self.nodes[node.parent]
                 if parent.state is NodeState.UNSENT:

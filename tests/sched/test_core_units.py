@@ -235,3 +235,20 @@ def test_a_draft_whose_anchor_got_committed_meanwhile_grows_the_new_root() -> No
     root = sched.tree.root
     assert root.token == 9 and list(root.children) == [11]
     assert sched.tree.nodes[root.children[11]].position == root.position + 1
+
+
+def test_pop_best_keeps_long_shots_queued_below_the_floor() -> None:
+    """After a segment's first node, only nodes scoring at least the floor go out; the rest stay queued."""
+    import math
+
+    from flowspec.sched.tree import DraftTree
+
+    tree = DraftTree()
+    root = tree.new_root(1, 0)
+    likely = tree.add_child(root.id, 2, math.log(0.9))
+    tree.add_child(root.id, 3, math.log(0.05))
+    tree.add_child(likely.id, 4, math.log(0.8))
+    floor = root.score + math.log(0.2)
+    assert [n.token for n in tree.pop_best(4, floor)] == [1, 2, 4]
+    assert tree.unsent_count() == 1 and abs(tree.reach(likely.id) - 0.9) < 1e-12
+    assert [n.token for n in tree.pop_best(4, floor)] == [3]  # a segment's first node always goes

@@ -41,6 +41,8 @@ def test_edge_profiles_get_what_their_curves_call_for() -> None:
     # a Pi: a row adds 25 ms to a 115 ms step, a drafter level 45 ms + 12 ms a row: small incremental drafts
     assert pi.segment <= 3 and pi.expand_depth == 0 and pi.topk <= 3
     assert jetson.draft_ahead and jetson.expand_from_leaf and jetson.lookup > 0
+    # a row is priced by what it adds to a step: next to nothing on the Jetson, a fifth of a step on the Pi
+    assert jetson.min_reach < 0.01 and 0.15 < pi.min_reach < 0.3
 
 
 def test_overrides_win_and_no_measurements_keep_the_defaults() -> None:

@@ -30,15 +30,16 @@ MODES = [Mode.AR, Mode.CHUNK, Mode.PIPEDEC, Mode.FLOWSPEC]
     from_leaf=st.booleans(),
     ahead=st.booleans(),
     lookup=st.integers(0, 4),
+    min_reach=st.sampled_from([0.0, 0.3]),
     schedule_seed=st.integers(0, 2**32 - 1),
 )
 def test_greedy_output_equals_sequential_under_any_interleaving(
     mode: Mode, stages: int, agreement: float, prompt: list[int], topk: int, depth: int, segment: int,
-    from_leaf: bool, ahead: bool, lookup: int, schedule_seed: int,
+    from_leaf: bool, ahead: bool, lookup: int, min_reach: float, schedule_seed: int,
 ) -> None:
     budget = budget_for(mode, stages, topk=topk, depth=depth, expand_depth=depth, segment=segment,
                         width=topk, init_tokens=8, expand_tokens=6, expand_from_leaf=from_leaf,
-                        draft_ahead=ahead, lookup=lookup)
+                        draft_ahead=ahead, lookup=lookup, min_reach=min_reach)
     sampling = SamplingParams()
     pipe = FakePipeline(prompt, budget, sampling, max_new_tokens=24, agreement=agreement, eos=(7,))
     rng = random.Random(schedule_seed)
