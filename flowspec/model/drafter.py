@@ -9,6 +9,7 @@ level.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,25 +37,49 @@ class Drafter:
 
 
 class DraftState:
-    """One request's drafting over a Drafter's weights: the synced context and the scratch tree on top of it."""
+    """One request's drafting over a Drafter's weights: the synced context and the scratch tree on top of it.
+
+    Scratch nodes outlive a draft job: they form a trie by (parent, token), so a later job (or a later verdict)
+    that asks for a node already forwarded gets its log-probs without a forward. In particular the head's
+    tree path from the root to an anchor, which every job feeds first, costs nothing the second time, and a
+    verdict's accepted tokens stay as scratch nodes instead of being forwarded again as context (`sync`).
+    """
 
     def __init__(self, drafter: Drafter, capacity: int) -> None:
         self.model, self.head = drafter.model, drafter.head
         self.cache = drafter.model.new_cache(capacity)
-        self.context: list[int] = []  # the synced context; K/V of its first `computed` tokens are cached
-        self.computed = 0  # cache = [context[:computed] | scratch nodes]
+        # the synced context: K/V of its first `computed` tokens are the cache's context part; the next ones
+        # are scratch nodes up to `_anchor` (accepted drafts kept as they are), then `_chain` (not forwarded yet)
+        self.context: list[int] = []
+        self.computed = 0
         self._mask = TreeMask()  # over the scratch nodes
+        self._child: dict[tuple[int, int], int] = {}  # (parent slot or -1, token) -> scratch slot
+        self._depth: list[int] = []  # per scratch slot: its depth below the context part (1 = child of it)
+        self._top: list[tuple[torch.Tensor, torch.Tensor]] = []  # per scratch slot: its best next tokens
+        self._anchor = -1  # the scratch slot that ends the synced context (-1: the context part ends it)
+        self._chain: list[int] = []  # synced context tokens still to forward, as scratch nodes under _anchor
+        self._job: list[int] = []  # this job's node numbers -> scratch slots (begin_job)
 
     @property
     def num_scratch(self) -> int:
         return len(self._mask)
 
     def sync(self, committed: Sequence[int]) -> None:
-        """Make the context equal `committed`: keep the common prefix; what is new is forwarded lazily, in the
-        same forward as the next `expand` (one pass instead of two: drafting is on the head's critical path)."""
+        """Make the context equal `committed`. Tokens already forwarded as scratch nodes along a path (a
+        verdict's accepted drafts) stay where they are; what is new is forwarded lazily, in the same forward as
+        the next `expand` (one pass instead of two: drafting is on the head's critical path)."""
         committed = [int(t) for t in committed]
+        done = self.computed
+        if (len(self._mask) <= _MAX_SCRATCH and len(committed) >= done
+                and committed[:done] == self.context[:done]):
+            node, i = -1, done
+            while i < len(committed) and (node, committed[i]) in self._child:
+                node, i = self._child[(node, committed[i])], i + 1
+            if node != -1 or not self._mask:  # kept path, or nothing to keep: the rest goes as a chain
+                self.context, self._anchor, self._chain = committed, node, committed[i:]
+                return
         common = 0
-        for a, b in zip(self.context[: self.computed], committed):
+        for a, b in zip(self.context[:done], committed):
             if a != b:
                 break
             common += 1
@@ -65,38 +90,111 @@ class DraftState:
     @property
     def pending(self) -> int:
         """Context tokens not yet in the cache (forwarded with the next expand)."""
-        return len(self.context) - self.computed
+        return len(self._chain)
 
     def flush(self) -> None:
         """Forward the pending context now (expand does this itself)."""
-        if self.pending:
-            self.reset_scratch()
-            self._forward_rows([], [], [])
+        if self._chain:
+            self.expand([], [], [])
 
     def reset_scratch(self) -> None:
-        """Drop every scratch node: the cache is back to the computed part of the context."""
+        """Drop every scratch node: the cache is back to the context part; synced tokens past it are pending."""
         self.cache.truncate(self.computed)
         self._mask.truncate(0)
+        self._child.clear()
+        self._depth.clear()
+        self._top.clear()
+        self._anchor, self._chain, self._job = -1, self.context[self.computed:], []
+
+    def begin_job(self) -> None:
+        """Start a draft job: `expand`'s parent numbers count this job's nodes from 0 again."""
+        self._job = []
+
+    def rows_to_forward(self, tokens: Sequence[int], parents: Sequence[int]) -> int:
+        """How many rows `expand(tokens, parents, ...)` would forward now (0: every node is known)."""
+        return len(self._plan(tokens, parents)[1])
 
     def expand(self, tokens: list[int], parents: list[int], positions: list[int]) -> torch.Tensor:
-        """Forward n scratch nodes; return log-probs [n, V] (float32) of each node's next token.
+        """Log-probs [n, V] (float32) of each node's next token; forwards only nodes not known yet.
 
-        parents[i]: -1 (child of the context) or an index into all scratch nodes fed since reset_scratch(),
-        including earlier nodes of this call.
+        parents[i]: -1 (child of the context) or a number of a node fed since begin_job() (or reset_scratch),
+        including earlier nodes of this call. A known node's row holds its best next tokens only (the rest
+        -inf): drafting reads the top few.
         """
         n = len(tokens)
         if not n == len(parents) == len(positions):
             raise ModelError(f"expand: {n} tokens, {len(parents)} parents, {len(positions)} positions")
-        hidden = self._forward_rows(tokens, parents, positions)
-        return torch.log_softmax(self.head(hidden), dim=-1)
+        slots, new = self._plan(tokens, parents)
+        base = len(self._mask)
+        chain_as_scratch = self._chain_as_scratch()
+        chain = self._chain if chain_as_scratch else []
+        rows, parent_slots, pos = list(chain), [], []
+        previous, first = self._anchor, self._position(self._anchor)
+        for j in range(len(chain)):
+            parent_slots.append(previous)
+            pos.append(first + j)
+            previous = base + j
+        for i in new:
+            rows.append(tokens[i])
+            parent_slots.append(slots[i][1])
+            pos.append(positions[i])
+        logprobs = self._forward(rows, parent_slots, pos, causal=[] if chain_as_scratch else self._chain)
+        if chain_as_scratch:
+            self._anchor = base + len(chain) - 1
+        self._chain = []
+        vocab = self.head.cfg.vocab_size
+        out = torch.full((n, vocab), -math.inf)
+        fresh = {slot: row for row, slot in enumerate(range(base + len(chain), base + len(rows)))}
+        for i, (slot, _) in enumerate(slots):
+            if slot in fresh:
+                out[i] = logprobs[len(chain) + fresh[slot]]
+            else:
+                values, indices = self._top[slot]
+                out[i, indices] = values
+        self._job += [slot for slot, _ in slots]
+        return out
 
-    def _forward_rows(self, tokens: list[int], parents: list[int], positions: list[int]) -> torch.Tensor:
-        """One forward: the pending context rows (causal), then n scratch rows; returns the scratch hidden."""
-        s0, n = self.num_scratch, len(tokens)
-        pending = self.context[self.computed:]
-        if pending and s0:
+    # -- internals ------------------------------------------------------------------------------------------
+    def _plan(self, tokens: Sequence[int], parents: Sequence[int]) -> tuple[list[tuple[int, int]], list[int]]:
+        """Per node (its scratch slot, its parent's slot) and the indices of the nodes to forward; no changes."""
+        slots: list[tuple[int, int]] = []
+        new: list[int] = []
+        known = dict[tuple[int, int], int]()
+        chained = len(self._chain) if self._chain_as_scratch() else 0
+        next_slot = len(self._mask) + chained
+        end = next_slot - 1 if chained else self._anchor  # the scratch slot the synced context ends at
+        for i, (token, parent) in enumerate(zip(tokens, parents)):
+            numbered = len(self._job) + i
+            if not -1 <= parent < numbered:
+                raise ModelError(f"expand: parent {parent} of tree slot {numbered} must be -1 or an earlier slot")
+            parent_slot = end if parent == -1 else (self._job[parent] if parent < len(self._job)
+                                                   else slots[parent - len(self._job)][0])
+            key = (parent_slot, int(token))
+            slot = self._child.get(key, known.get(key))
+            if slot is None:
+                slot = known[key] = next_slot + len(new)
+                new.append(i)
+            slots.append((slot, parent_slot))
+        return slots, new
+
+    def _chain_as_scratch(self) -> bool:
+        """Pending tokens go in as scratch nodes under the anchor, unless there is no scratch node yet: then as
+        plain context rows, kept for good."""
+        return bool(self._chain) and (self._anchor != -1 or len(self._mask) > 0)
+
+    def _position(self, slot: int) -> int:
+        """The sequence position of a child of `slot` (-1: of the context part)."""
+        return self.computed + (self._depth[slot] if slot >= 0 else 0)
+
+    def _forward(self, rows: list[int], parents: list[int], positions: list[int], causal: list[int]
+                 ) -> torch.Tensor:
+        """One forward: `causal` context rows (only when there are no scratch nodes), then scratch `rows`;
+        registers the new scratch nodes; returns their log-probs."""
+        if not rows and not causal:
+            return torch.zeros(0, self.head.cfg.vocab_size)
+        s0, done, m, n = len(self._mask), self.computed, len(causal), len(rows)
+        if causal and s0:
             raise ModelError("drafter: context changed under scratch nodes; call sync() first")
-        done, m = self.computed, len(pending)
         try:
             self._mask.extend(parents)
         except LocalProtocolError as e:
@@ -104,20 +202,30 @@ class DraftState:
         try:
             visible = self._mask.visible(done, n, causal_rows=m)  # [m + n, cache after this forward]
             self._room(m + n)
-            rows = torch.tensor(pending + list(tokens), dtype=torch.long)
-            pos = torch.tensor(list(range(done, done + m)) + list(positions), dtype=torch.long)
-            hidden = self.model(rows, pos, self.cache, visible)
+            ids = torch.tensor(causal + rows, dtype=torch.long)
+            pos = torch.tensor(list(range(done, done + m)) + positions, dtype=torch.long)
+            hidden = self.model(ids, pos, self.cache, visible)
+            logprobs = torch.log_softmax(self.head(hidden[m:]), dim=-1) if n else torch.zeros(0, 1)
         except BaseException:
             self._mask.truncate(s0)  # nothing reached the cache: drop the new nodes again
             raise
         self.computed = done + m
-        return hidden[m:]
+        for j, (token, parent) in enumerate(zip(rows, parents)):
+            self._child[(parent, int(token))] = s0 + j
+            self._depth.append(self._depth[parent] + 1 if parent >= 0 else 1)
+            values, indices = torch.topk(logprobs[j], min(_TOP, logprobs.shape[-1]))
+            self._top.append((values, indices))
+        return logprobs
 
     def _room(self, n: int) -> None:
         # drafters grow their cache instead of failing: their context is D0's, not a stage's fixed budget
         need = self.cache.length + n
         if need > self.cache.capacity:
             self.cache.grow(max(need, 2 * self.cache.capacity))
+
+
+_MAX_SCRATCH = 512  # scratch nodes kept across jobs and verdicts; past this a sync starts over from the context
+_TOP = 8  # best next tokens kept per scratch node (drafting reads top-k with k <= 4)
 
 
 def random_drafter_model(vocab_size: int, seed: int) -> tuple[StageModel, LMHead]:

@@ -92,6 +92,10 @@ class DraftStateLike(Protocol):
 
     def reset_scratch(self) -> None: ...
 
+    def begin_job(self) -> None: ...
+
+    def rows_to_forward(self, tokens: Sequence[int], parents: Sequence[int]) -> int: ...
+
     def expand(self, tokens: list[int], parents: list[int], positions: list[int]) -> torch.Tensor: ...
 
 
@@ -255,7 +259,7 @@ class RequestDriver:
 
         def start() -> None:
             drafter.sync(job.context)
-            drafter.reset_scratch()
+            drafter.begin_job()
 
         try:
             await self._compute(Work(WorkKind.DRAFT_SYNC, rows=0), start)
@@ -263,10 +267,14 @@ class RequestDriver:
                 if not self.sched.draft_useful(job):
                     job.abandon()
                     break
-                # read on this thread: the compute thread is idle between jobs, so `pending` is settled
-                work = Work(WorkKind.DRAFT_LEVEL, rows=len(request.tokens), context=drafter.pending)
-                logprobs = await self._compute(work, drafter.expand, list(request.tokens), list(request.parents),
-                                               list(request.positions))
+                # read on this thread: the compute thread is idle between a job's levels, so the state is settled
+                rows = drafter.rows_to_forward(request.tokens, request.parents)
+                args = (list(request.tokens), list(request.parents), list(request.positions))
+                if rows or drafter.pending:
+                    work = Work(WorkKind.DRAFT_LEVEL, rows=rows, context=drafter.pending)
+                    logprobs = await self._compute(work, drafter.expand, *args)
+                else:  # every node is known to the drafter: no forward, nothing for the device to do
+                    logprobs = drafter.expand(*args)
                 assert isinstance(logprobs, torch.Tensor)
                 job.feed(logprobs)
         except asyncio.CancelledError:

@@ -76,8 +76,8 @@ async def probe_drafter(drafter: Any, backend: Backend) -> Line:
     points = []
     for n in (1, 4):
         def level(n: int = n) -> None:
-            state.reset_scratch()
-            state.expand([1] * n, [-1] * n, [8] * n)
+            state.reset_scratch()  # nothing known: every row is forwarded (distinct tokens, or rows would merge)
+            state.expand(list(range(1, n + 1)), [-1] * n, [8] * n)
 
         level()  # warm-up; also takes the synced context into the cache, so timings are levels alone
         points.append((n, await _best(backend, WorkKind.DRAFT_LEVEL, n, level)))

@@ -2,7 +2,7 @@
 
 The shell drives a job with any drafter that can forward "scratch" nodes on top of the committed context:
 
-    drafter.sync(job.context); drafter.reset_scratch()
+    drafter.sync(job.context); drafter.begin_job()
     while (request := job.next_request()) is not None:
         job.feed(drafter.expand(request.tokens, request.parents, request.positions))
 

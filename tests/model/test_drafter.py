@@ -147,10 +147,37 @@ def test_lazy_sync_fuses_the_context_pass_into_the_next_expand(tiny_llama: Path)
     calls = []
     real_forward = d.model.forward
     d.model.forward = lambda *a, **k: calls.append(a[0].numel()) or real_forward(*a, **k)  # type: ignore[method-assign]
-    d.sync([4, 8, 15, 16, 23])  # two tokens committed since
-    assert calls == []
+    d.sync([4, 8, 15, 16, 23])  # two tokens committed since: 16 was drafted already and stays as it is
+    assert calls == [] and d.pending == 1
     lvl = d.expand([42, 7], [-1, -1], [5, 5])
-    assert calls == [4]  # 2 pending context rows + 2 scratch rows in one forward
+    assert calls == [3]  # 1 pending context row (23) + 2 scratch rows in one forward
     for row, path in [(lvl[0], [42]), (lvl[1], [7])]:
         torch.testing.assert_close(row, target_logprobs(tiny_llama, [4, 8, 15, 16, 23] + path)[-1],
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_known_nodes_cost_no_forward_across_jobs_and_verdicts(tiny_llama: Path) -> None:
+    """A job that feeds the tree path again, or asks for a node drafted before, forwards nothing for it; after a
+    verdict the accepted drafts stay scratch nodes, and what is drafted below them is what the target says."""
+    d = make_drafter("self", tiny_llama).new_state()
+    d.sync([4, 8, 15])
+    d.begin_job()
+    first = d.expand([16, 23], [-1, 0], [3, 4])
+    d.expand([42], [1], [5])
+    d.begin_job()  # a later job under the same context feeds the path 16 -> 23 -> 42 again
+    assert d.rows_to_forward([16, 23, 42, 7], [-1, 0, 1, 2]) == 1
+    again = d.expand([16, 23, 42, 7], [-1, 0, 1, 2], [3, 4, 5, 6])
+    assert d.num_scratch == 4
+    for row in range(2):  # known rows keep their best next tokens
+        assert torch.equal(again[row].topk(4).indices, first[row].topk(4).indices)
+    torch.testing.assert_close(again[3], target_logprobs(tiny_llama, [4, 8, 15, 16, 23, 42, 7])[-1],
+                               atol=2e-5, rtol=1e-4)
+    d.sync([4, 8, 15, 16, 23, 42])  # a verdict accepted 16, 23, 42: nothing to forward, scratch kept
+    assert d.pending == 0 and d.num_scratch == 4 and d.computed == 3
+    d.begin_job()
+    below = d.expand([7, 9], [-1, -1], [6, 6])
+    assert d.num_scratch == 5  # 7 was known; only 9 was forwarded
+    torch.testing.assert_close(below[1], target_logprobs(tiny_llama, [4, 8, 15, 16, 23, 42, 9])[-1],
+                               atol=2e-5, rtol=1e-4)
+    d.sync([4, 8, 15, 99])  # a verdict that leaves the drafted path: start over from the common context
+    assert d.num_scratch == 0 and d.computed == 3 and d.pending == 1
