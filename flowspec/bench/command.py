@@ -8,14 +8,19 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowspec.errors import ConfigError
 
-__all__ = ["add_bench_command", "bench_command", "run_bench"]
+if TYPE_CHECKING:
+    from flowspec.bench.profiles import Profile
+    from flowspec.sched import Budget
+
+__all__ = ["add_bench_command", "bench_args", "bench_command", "run_bench"]
 
 PIPELINE_MODES = ("ar", "chunk", "pipedec", "flowspec")
 REFERENCE_MODES = ("hf", "hf-assisted")
@@ -68,6 +73,13 @@ examples:
     p.set_defaults(handler=bench_command)
 
 
+def bench_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments `flowspec bench ARGV...` runs with, defaults filled in (for callers of run_bench)."""
+    parser = argparse.ArgumentParser(prog="flowspec")
+    add_bench_command(parser.add_subparsers())
+    return parser.parse_args(["bench", *argv])
+
+
 def bench_command(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in PIPELINE_MODES + REFERENCE_MODES]
@@ -86,19 +98,17 @@ def bench_command(args: argparse.Namespace) -> int:
         print(f"identical to solo outputs: {results['identical_outputs']}; wrote {args.out}/concurrency.json, "
               "concurrency.md", file=sys.stderr)
         return 0 if results["identical_outputs"] else 1
-    summary = results["modes"]
-    for mode, m in summary.items():
-        emu = f", emulated {m['emulated_tokens_per_s']} tok/s" if m.get("emulated_tokens_per_s") else ""
-        extra = (f", tokens/step {m['tokens_per_step']}, util {m['utilization']}, overruns {m['overruns']}"
-                 if "utilization" in m else " (single process, real CPU)")
-        print(f"{mode:>12}: {m['tokens_per_s']} tok/s real{emu}{extra}", file=sys.stderr)
+    for mode, m in results["modes"].items():
+        print(f"{mode:>12}: {_summary_line(m)}", file=sys.stderr)
     print(f"identical outputs: {results['identical_outputs']}; wrote {args.out}/results.json, results.md",
           file=sys.stderr)
     return 0 if results["identical_outputs"] else 1
 
 
 # -- the run -------------------------------------------------------------------------------------------------
-async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
+async def run_bench(args: argparse.Namespace, modes: list[str], prompts: list[Any] | None = None
+                    ) -> dict[str, Any]:
+    """Run `modes` on `prompts` (default: those of args.prompts); write args.out's reports; return results."""
     import torch
     from tqdm import tqdm
 
@@ -107,6 +117,7 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     from flowspec.bench.profiles import load_profile
     from flowspec.bench.shaping import LinkShape
     from flowspec.bench.testbed import EmulatedBackend
+    from flowspec.bench.timeline import idle_after_verdicts, plot_timeline
     from flowspec.cli.options import budget_overrides, formats, result_row
     from flowspec.model.precision import Precision, resolve_device
     from flowspec.net import Timeouts
@@ -114,13 +125,12 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     from flowspec.node.head import GenerationResult
     from flowspec.node.local import LocalCluster
     from flowspec.prompts import read_prompt_dir
-    from flowspec.sched import Budget, Mode
     from flowspec.store import make_drafter
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompt_dir(args.prompts, args.per_task)
+    prompts = prompts if prompts is not None else read_prompt_dir(args.prompts, args.per_task)
     pipeline = [m for m in modes if m in PIPELINE_MODES]
     refs = [m for m in modes if m in REFERENCE_MODES]
     overrides = budget_overrides(args)
@@ -144,15 +154,17 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     if profile is not None and args.dilation is None:
         from flowspec.bench.calibrate import calibrate
 
-        rows = _segment_rows(pipeline, args.stages, overrides)
-        b = Budget(mode=Mode.FLOWSPEC, num_stages=args.stages, **overrides)
-        calibration = calibrate(profile, dep, real_drafter, segment_rows=rows, beam=b.topk,
-                                draft_rows=max(b.topk, rows if "pipedec" in pipeline else 1), margin=args.margin)
+        rows = _segment_rows(pipeline, args.stages, profile, overrides)
+        beam = _budget("flowspec", args.stages, profile, overrides).topk
+        width = _budget("pipedec", args.stages, profile, overrides).width if "pipedec" in pipeline else 1
+        calibration = calibrate(profile, dep, real_drafter, segment_rows=rows, beam=beam,
+                                draft_rows=max(beam, width), margin=args.margin)
         dilation = calibration.dilation
         print(f"calibrated D = {dilation} (binding: {calibration.binding}, ratios "
               f"{ {k: round(v, 2) for k, v in calibration.ratios.items()} })", file=sys.stderr)
     args.dilation = dilation
 
+    ms_per_s = 1e3 / dilation if profile is not None else 1e3  # emulated ms (real / D) when emulated
     stats_tpl = str(out / "stage-{index}.stats.jsonl")
     for k in range(1, args.stages + 1):
         Path(stats_tpl.format(index=k)).unlink(missing_ok=True)
@@ -220,10 +232,15 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                             bytes_charged=head_report.get("bytes_charged", result.bytes_sent)
                             + sum(r.get("bytes_charged", 0) for r in stage_reports.values()),
                             head_busy_s=round(result.head_busy_s, 4),
+                            overruns_by_node_kind=_node_kinds(head_report, stage_reports, args.stages),
+                            verdicts=len(result.verdict_times),
+                            v1_idle_ms=[round(s * ms_per_s, 3) for s in
+                                        idle_after_verdicts(result.verdict_times, result.busy.get(1, []))],
                         )
                         rows_out.append(row)
                         if p_index == 0:
-                            first[mode] = {"busy": result.busy, "head": list(result.head_busy), "t0": t0, "t1": t1}
+                            first[mode] = {"busy": result.busy, "head": list(result.head_busy), "t0": t0, "t1": t1,
+                                           "verdicts": list(result.verdict_times)}
                         bar.update(1)
                 bar.close()
         finally:
@@ -238,11 +255,9 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     results = _summarize(args, modes, rows_out, dilation, profile, calibration, dep)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(_markdown(results))
-    from flowspec.bench.timeline import plot_timeline
-
     for mode, data in first.items():
         plot_timeline(out / f"timeline-{mode}.png", data["busy"], data["head"], data["t0"], data["t1"],
-                      dilation=dilation, title=f"{mode}: {args.model}, {args.stages} stages, "
+                      dilation=dilation, verdicts=data["verdicts"], title=f"{mode}: {args.model}, {args.stages} stages, "
                       f"{args.profile or 'real CPU'}, {args.link or 'loopback'}, D={dilation:g}, "
                       f"prompt {prompts[0].source}/{prompts[0].id}")
     return results
@@ -323,13 +338,21 @@ def _concurrency_markdown(sweep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _segment_rows(modes: list[str], stages: int, overrides: dict[str, Any]) -> int:
-    """The largest segment (rows per stage forward) the run's modes send."""
-    from flowspec.sched import Budget, Mode
+def _budget(mode: str, stages: int, profile: Profile | None, overrides: dict[str, Any]) -> Budget:
+    """The Budget the runtime chooses for `mode`: from the profile's cost curves when emulating (dilation
+    scales every curve alike, so the choice is the same), Budget's CPU defaults otherwise; flags win."""
+    from flowspec.sched import Mode
+    from flowspec.sched.costs import choose_budget
 
+    return choose_budget(Mode.parse(mode), stages, profile.cost_model() if profile is not None else None,
+                         **overrides)
+
+
+def _segment_rows(modes: list[str], stages: int, profile: Profile | None, overrides: dict[str, Any]) -> int:
+    """The largest segment (rows per stage forward) the run's modes send."""
     rows = 1
     for m in modes:
-        b = Budget(mode=Mode.parse(m), num_stages=stages, **overrides)
+        b = _budget(m, stages, profile, overrides)
         if m == "flowspec":
             rows = max(rows, b.segment)
         elif m == "chunk":
@@ -337,6 +360,25 @@ def _segment_rows(modes: list[str], stages: int, overrides: dict[str, Any]) -> i
         elif m == "pipedec":
             rows = max(rows, b.width)
     return rows
+
+
+def _node_kinds(head: dict[str, Any], stages: dict[int, dict[str, Any]], num_stages: int
+                ) -> dict[str, dict[str, int]]:
+    """Overruns by node (head, V1..VN) and work kind, from the nodes' reports (every node listed)."""
+    nodes = {"head": head, **{f"V{k}": stages.get(k, {}) for k in range(1, num_stages + 1)}}
+    return {name: {kind: int(n) for kind, n in (r.get("overruns_by_kind") or {}).items()}
+            for name, r in nodes.items()}
+
+
+def _add_node_kinds(rows: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    """Per-node, per-kind overrun counts summed over requests."""
+    total: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for node, kinds in row.items():
+            acc = total.setdefault(node, {})
+            for kind, n in kinds.items():
+                acc[kind] = acc.get(kind, 0) + n
+    return total
 
 
 def _merge_kinds(reports: list[dict[str, Any]]) -> dict[str, int]:
@@ -452,6 +494,8 @@ def _summarize(args: argparse.Namespace, modes: list[str], rows: list[dict[str, 
             accepted = sum(r["mean_accepted"] * r["verifications"] for r in rs)
             committed = sum(r["tokens_count"] - 1 for r in rs)
             decode = sum(r["decode_s"] for r in rs)
+            decode_rate = committed / decode if decode else 0.0
+            idle = [ms for r in rs for ms in r["v1_idle_ms"]]
             util = [round(sum(r["utilization"][k] * r["decode_s"] for r in rs) / decode, 3) if decode else 0.0
                     for k in range(args.stages)]
             stage_over = [sum(int(r["stage_overruns"].get(k, r["stage_overruns"].get(str(k), 0))) for r in rs)
@@ -459,19 +503,25 @@ def _summarize(args: argparse.Namespace, modes: list[str], rows: list[dict[str, 
             head_over = sum(r["head_overruns"] for r in rs)
             m.update({
                 "emulated_tokens_per_s": round(rate * dilation, 3) if profile is not None else None,
-                "decode_tokens_per_s": round(committed / decode, 3) if decode else 0.0,
+                "decode_tokens_per_s": round(decode_rate, 3),
+                "emulated_decode_tokens_per_s": round(decode_rate * dilation, 3) if profile is not None else None,
                 "mean_accepted": round(accepted / verifs, 3) if verifs else 0.0,
                 "tokens_per_step": round(committed / steps, 3) if steps else 0.0,
                 "utilization": util,
                 "head_busy": round(sum(r["head_busy_s"] for r in rs) / secs, 3) if secs else 0.0,
+                "v1_idle_after_verdict_ms": {"mean": round(statistics.fmean(idle), 3) if idle else None,
+                                             "p50": round(statistics.median(idle), 3) if idle else None,
+                                             "verdicts": len(idle)},
                 "bytes_per_token": round(sum(r["bytes_real"] for r in rs) / max(tokens, 1), 1),
                 "charged_bytes_per_token": round(sum(r["bytes_charged"] for r in rs) / max(tokens, 1), 1),
                 "overruns": head_over + sum(stage_over),
                 "overruns_by_node": {"head": head_over, **{f"V{k}": v for k, v in enumerate(stage_over, 1)}},
                 "overruns_by_kind": _merge_kinds([{"overruns_by_kind": r["overruns_by_kind"]} for r in rs]),
+                "overruns_by_node_kind": _add_node_kinds([r["overruns_by_node_kind"] for r in rs]),
             })
         else:
-            m.update({"emulated_tokens_per_s": None, "note": "single process, real CPU, not emulated"})
+            m.update({"emulated_tokens_per_s": None, "emulated_decode_tokens_per_s": None,
+                      "note": "single process, real CPU, not emulated"})
         summary[mode] = m
     config = {
         "command": "flowspec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "",
@@ -480,25 +530,28 @@ def _summarize(args: argparse.Namespace, modes: list[str], rows: list[dict[str, 
         "profile_source": profile.source if profile is not None else None,
         "link": args.link, "dilation": dilation,
         "calibration": calibration.to_json() if calibration is not None else None,
-        "budget": _budget_json(args), "max_new_tokens": args.max_new_tokens,
+        "budget": _budget_json(args, profile), "max_new_tokens": args.max_new_tokens,
         "prompts": args.prompts, "per_task": args.per_task,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python "
                    f"{platform.python_version()}",
-        "notes": "tokens_per_s is real wall clock including prefill; emulated = real x D. Stages run as "
-                 "local processes with one torch thread each; the head runs in the bench process.",
+        "notes": "tokens_per_s is real wall clock including prefill; decode_tokens_per_s counts from the first "
+                 "token on; emulated = real x D. v1_idle_after_verdict_ms: how long stage 1 waited for work "
+                 "after each verdict, in emulated ms (real / D). Stages run as local processes with one torch "
+                 "thread each; the head runs in the bench process.",
     }
     return {"identical_outputs": pipeline_same, "identical_with_hf": hf_same if any(
         m in REFERENCE_MODES for m in modes) else None, "modes": summary,
         "prompts": [{k: v for k, v in r.items() if k != "text"} for r in rows], "config": config}
 
 
-def _budget_json(args: argparse.Namespace) -> dict[str, Any]:
+def _budget_json(args: argparse.Namespace, profile: Profile | None) -> dict[str, Any]:
+    """The budget each tree mode runs with (as chosen from the profile's curves, flags applied)."""
     from flowspec.cli.options import budget_overrides
-    from flowspec.sched import Budget, Mode
 
-    b = Budget(mode=Mode.FLOWSPEC, num_stages=args.stages, **budget_overrides(args))
-    return {f: getattr(b, f) for f in ("init_tokens", "topk", "depth", "expand_tokens", "expand_depth",
-                                      "segment", "width", "in_flight", "max_tree")}
+    fields = ("init_tokens", "topk", "depth", "expand_tokens", "expand_depth", "segment", "width", "in_flight",
+              "max_tree", "eager_root", "expand_from_leaf")
+    budgets = {m: _budget(m, args.stages, profile, budget_overrides(args)) for m in ("chunk", "pipedec", "flowspec")}
+    return {m: {f: getattr(b, f) for f in fields} for m, b in budgets.items()}
 
 
 def _markdown(results: dict[str, Any]) -> str:
@@ -517,16 +570,48 @@ def _markdown(results: dict[str, Any]) -> str:
     lines.append("overruns: **" + ("YES: where listed, real compute exceeded the profile × D, so that node ran slower "
                                    "than the emulated device and the mode's emulated rate is pessimistic"
                                    if any_over else "none") + "**")
-    lines += ["", "| mode | tok/s real | tok/s emulated | mean accepted | tokens/step | stage utilization | "
-              "D0 busy | bytes/token real | charged | overruns |", "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["mode", "tok/s real", "decode tok/s real", "tok/s emulated", "decode tok/s emulated",
+              "mean accepted", "tokens/step", "stage utilization", "D0 busy",
+              f"V1 idle after verdict, {'emulated ' if emulated else ''}ms (mean / p50)", "bytes/token real",
+              "charged", "overruns"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for mode, m in results["modes"].items():
         if "utilization" not in m:
-            lines.append(f"| {mode} | {m['tokens_per_s']} | (real CPU, one process) | | | | | | | |")
-            continue
-        util = "/".join(f"{u * 100:.0f}" for u in m["utilization"]) + " %"
-        emu = m["emulated_tokens_per_s"] if emulated else "-"
-        lines.append(f"| {mode} | {m['tokens_per_s']} | {emu} | {m['mean_accepted']} | {m['tokens_per_step']} | "
-                     f"{util} | {m['head_busy'] * 100:.0f} % | {m['bytes_per_token']:.0f} | "
-                     f"{m['charged_bytes_per_token']:.0f} | {m['overruns']} |")
+            cells = [mode, m["tokens_per_s"], "", "(real CPU, one process)"] + [""] * (len(header) - 4)
+        else:
+            idle = m["v1_idle_after_verdict_ms"]
+            cells = [mode, m["tokens_per_s"], m["decode_tokens_per_s"],
+                     m["emulated_tokens_per_s"] if emulated else "-",
+                     m["emulated_decode_tokens_per_s"] if emulated else "-", m["mean_accepted"],
+                     m["tokens_per_step"], "/".join(f"{u * 100:.0f}" for u in m["utilization"]) + " %",
+                     f"{m['head_busy'] * 100:.0f} %", f"{_ms(idle['mean'])} / {_ms(idle['p50'])}",
+                     f"{m['bytes_per_token']:.0f}", f"{m['charged_bytes_per_token']:.0f}",
+                     _overruns_text(m["overruns_by_node_kind"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _overruns_text(by_node_kind: dict[str, dict[str, int]]) -> str:
+    """Overruns per node, with their kinds: "head 3 (draft 3), V1 0, V2 0"."""
+    parts = []
+    for node, kinds in by_node_kind.items():
+        detail = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()) if n)
+        parts.append(f"{node} {sum(kinds.values())}" + (f" ({detail})" if detail else ""))
+    return ", ".join(parts)
+
+
+def _summary_line(m: dict[str, Any]) -> str:
+    """One mode's line of the CLI summary."""
+    if "utilization" not in m:
+        return f"{m['tokens_per_s']} tok/s real (single process, real CPU)"
+    emu = (f", emulated {m['emulated_tokens_per_s']} tok/s end-to-end, {m['emulated_decode_tokens_per_s']} decode"
+           if m["emulated_tokens_per_s"] is not None else "")
+    return (f"{m['tokens_per_s']} tok/s real ({m['decode_tokens_per_s']} decode){emu}, mean accepted "
+            f"{m['mean_accepted']}, util {m['utilization']}, D0 busy {m['head_busy'] * 100:.0f} %, V1 idle after "
+            f"verdict {_ms(m['v1_idle_after_verdict_ms']['mean'])} ms mean, overruns "
+            f"{_overruns_text(m['overruns_by_node_kind'])}")
