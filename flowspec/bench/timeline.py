@@ -62,7 +62,7 @@ def plot_timeline(path: str | Path, busy: dict[int, Sequence[tuple[float, float,
                            edgecolors="none")
         marks = [x(t) for t in verdicts if t0 <= t <= t1]
         if marks:
-            ax.vlines(marks, -0.45, 0.45, colors="crimson", linewidth=0.6)
+            ax.vlines(marks, -0.5, 0.5, colors="crimson", linewidth=1.0, zorder=3)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(list(reversed(rows)))
     ax.set_xlim(0, x(t1))
