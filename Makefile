@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install, pull the Qwen pair, run a local 4-stage flowspec pipeline next to ar
+#   make demo   install, pull the Qwen pair, run a local 4-stage flowspec pipeline next to ar (real CPU),
+#               then ar, pipedec and flowspec on an emulated jetson-7b testbed (writes demo-out/)
 #   make test   install, pull SmolLM2 (and the Qwen pair), run the test suite
 PY ?= python3
 VENV := .venv

@@ -5,20 +5,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from flowspec.bench.report import (
+    PIPELINE_MODES,
+    REFERENCE_MODES,
+    concurrency_markdown,
+    markdown,
+    merge_kinds,
+    node_kinds,
+    quantile,
+    summarize,
+    summary_line,
+)
 from flowspec.errors import ConfigError
 
-__all__ = ["add_bench_command", "bench_command", "run_bench"]
+if TYPE_CHECKING:
+    from flowspec.bench.profiles import Profile
+    from flowspec.sched import Budget
 
-PIPELINE_MODES = ("ar", "chunk", "pipedec", "flowspec")
-REFERENCE_MODES = ("hf", "hf-assisted")
+__all__ = ["add_bench_command", "bench_args", "bench_command", "run_bench"]
 
 
 def add_bench_command(sub: Any) -> None:
@@ -68,6 +78,13 @@ examples:
     p.set_defaults(handler=bench_command)
 
 
+def bench_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments `flowspec bench ARGV...` runs with, defaults filled in (for callers of run_bench)."""
+    parser = argparse.ArgumentParser(prog="flowspec")
+    add_bench_command(parser.add_subparsers())
+    return parser.parse_args(["bench", *argv])
+
+
 def bench_command(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in PIPELINE_MODES + REFERENCE_MODES]
@@ -86,12 +103,8 @@ def bench_command(args: argparse.Namespace) -> int:
         print(f"identical to solo outputs: {results['identical_outputs']}; wrote {args.out}/concurrency.json, "
               "concurrency.md", file=sys.stderr)
         return 0 if results["identical_outputs"] else 1
-    summary = results["modes"]
-    for mode, m in summary.items():
-        emu = f", emulated {m['emulated_tokens_per_s']} tok/s" if m.get("emulated_tokens_per_s") else ""
-        extra = (f", tokens/step {m['tokens_per_step']}, util {m['utilization']}, overruns {m['overruns']}"
-                 if "utilization" in m else " (single process, real CPU)")
-        print(f"{mode:>12}: {m['tokens_per_s']} tok/s real{emu}{extra}", file=sys.stderr)
+    for mode, m in results["modes"].items():
+        print(f"{mode:>12}: {summary_line(m)}", file=sys.stderr)
     print(f"identical outputs: {results['identical_outputs']}; wrote {args.out}/results.json, results.md",
           file=sys.stderr)
     return 0 if results["identical_outputs"] else 1
@@ -99,6 +112,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 # -- the run -------------------------------------------------------------------------------------------------
 async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
+    """Run `modes` on the prompts of args.prompts; write args.out's reports; return the results."""
     import torch
     from tqdm import tqdm
 
@@ -107,6 +121,7 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     from flowspec.bench.profiles import load_profile
     from flowspec.bench.shaping import LinkShape
     from flowspec.bench.testbed import EmulatedBackend
+    from flowspec.bench.timeline import idle_after_verdicts, plot_timeline
     from flowspec.cli.options import budget_overrides, formats, result_row
     from flowspec.model.precision import Precision, resolve_device
     from flowspec.net import Timeouts
@@ -114,7 +129,6 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     from flowspec.node.head import GenerationResult
     from flowspec.node.local import LocalCluster
     from flowspec.prompts import read_prompt_dir
-    from flowspec.sched import Budget, Mode
     from flowspec.store import make_drafter
 
     torch.set_num_threads(max(1, args.threads))
@@ -144,15 +158,17 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     if profile is not None and args.dilation is None:
         from flowspec.bench.calibrate import calibrate
 
-        rows = _segment_rows(pipeline, args.stages, overrides)
-        b = Budget(mode=Mode.FLOWSPEC, num_stages=args.stages, **overrides)
-        calibration = calibrate(profile, dep, real_drafter, segment_rows=rows, beam=b.topk,
-                                draft_rows=max(b.topk, rows if "pipedec" in pipeline else 1), margin=args.margin)
+        rows = _segment_rows(pipeline, args.stages, profile, overrides)
+        beam = _budget("flowspec", args.stages, profile, overrides).topk
+        width = _budget("pipedec", args.stages, profile, overrides).width if "pipedec" in pipeline else 1
+        calibration = calibrate(profile, dep, real_drafter, segment_rows=rows, beam=beam,
+                                draft_rows=max(beam, width), margin=args.margin)
         dilation = calibration.dilation
         print(f"calibrated D = {dilation} (binding: {calibration.binding}, ratios "
               f"{ {k: round(v, 2) for k, v in calibration.ratios.items()} })", file=sys.stderr)
     args.dilation = dilation
 
+    ms_per_s = 1e3 / dilation if profile is not None else 1e3  # emulated ms (real / D) when emulated
     stats_tpl = str(out / "stage-{index}.stats.jsonl")
     for k in range(1, args.stages + 1):
         Path(stats_tpl.format(index=k)).unlink(missing_ok=True)
@@ -183,7 +199,7 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                     sweep = await _concurrency_sweep(cluster, pipeline, prompts, levels, args, overrides, dilation,
                                                      profile is not None)
                     (out / "concurrency.json").write_text(json.dumps(sweep, indent=1))
-                    (out / "concurrency.md").write_text(_concurrency_markdown(sweep))
+                    (out / "concurrency.md").write_text(concurrency_markdown(sweep))
                     return sweep
                 bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=args.no_progress,
                            file=sys.stderr)
@@ -213,17 +229,22 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                             total_s=round(result.total_s, 4),
                             decode_s=round(result.decode_s, 4),
                             head_overruns=head_report.get("overruns", 0),
-                            overruns_by_kind=_merge_kinds([head_report, *stage_reports.values()]),
+                            overruns_by_kind=merge_kinds([head_report, *stage_reports.values()]),
                             stage_overruns={k: r.get("overruns", 0) for k, r in stage_reports.items()},
                             bytes_real=result.bytes_sent + sum(r.get("bytes_sent", 0)
                                                                for r in stage_reports.values()),
                             bytes_charged=head_report.get("bytes_charged", result.bytes_sent)
                             + sum(r.get("bytes_charged", 0) for r in stage_reports.values()),
                             head_busy_s=round(result.head_busy_s, 4),
+                            overruns_by_node_kind=node_kinds(head_report, stage_reports, args.stages),
+                            verdicts=len(result.verdict_times),
+                            v1_idle_ms=[round(s * ms_per_s, 3) for s in
+                                        idle_after_verdicts(result.verdict_times, result.busy.get(1, []))],
                         )
                         rows_out.append(row)
                         if p_index == 0:
-                            first[mode] = {"busy": result.busy, "head": list(result.head_busy), "t0": t0, "t1": t1}
+                            first[mode] = {"busy": result.busy, "head": list(result.head_busy), "t0": t0, "t1": t1,
+                                           "verdicts": list(result.verdict_times)}
                         bar.update(1)
                 bar.close()
         finally:
@@ -235,14 +256,12 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                 row.update(id=prompt.id, source=prompt.source, mode=mode)
                 rows_out.append(row)
 
-    results = _summarize(args, modes, rows_out, dilation, profile, calibration, dep)
+    results = summarize(args, modes, rows_out, dilation, profile, calibration, dep, _budget_json(args, profile))
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(_markdown(results))
-    from flowspec.bench.timeline import plot_timeline
-
+    (out / "results.md").write_text(markdown(results))
     for mode, data in first.items():
         plot_timeline(out / f"timeline-{mode}.png", data["busy"], data["head"], data["t0"], data["t1"],
-                      dilation=dilation, title=f"{mode}: {args.model}, {args.stages} stages, "
+                      dilation=dilation, verdicts=data["verdicts"], title=f"{mode}: {args.model}, {args.stages} stages, "
                       f"{args.profile or 'real CPU'}, {args.link or 'loopback'}, D={dilation:g}, "
                       f"prompt {prompts[0].source}/{prompts[0].id}")
     return results
@@ -290,8 +309,8 @@ async def _concurrency_sweep(cluster: Any, modes: list[str], prompts: list[Any],
             row = {
                 "mode": mode, "clients": c, "tokens": tokens, "wall_s": round(wall, 3),
                 "tokens_per_s": round(tokens / wall * scale, 3),
-                "ttft_p50_s": round(_quantile(ttfts, 0.5) / scale, 4),
-                "ttft_p95_s": round(_quantile(ttfts, 0.95) / scale, 4),
+                "ttft_p50_s": round(quantile(ttfts, 0.5) / scale, 4),
+                "ttft_p95_s": round(quantile(ttfts, 0.95) / scale, 4),
                 "identical_to_solo": all(r.tokens == solo[(mode, i)] for i, r in zip(picked, results)),
             }
             rows.append(row)
@@ -304,32 +323,21 @@ async def _concurrency_sweep(cluster: Any, modes: list[str], prompts: list[Any],
             "rows": rows, "identical_outputs": all(r["identical_to_solo"] for r in rows)}
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank quantile of an ascending list."""
-    if not sorted_values:
-        return 0.0
-    return sorted_values[min(len(sorted_values) - 1, max(0, -(-int(q * 100) * len(sorted_values) // 100) - 1))]
+def _budget(mode: str, stages: int, profile: Profile | None, overrides: dict[str, Any]) -> Budget:
+    """The Budget the runtime chooses for `mode`: from the profile's cost curves when emulating (dilation
+    scales every curve alike, so the choice is the same), Budget's CPU defaults otherwise; flags win."""
+    from flowspec.sched import Mode
+    from flowspec.sched.costs import choose_budget
+
+    return choose_budget(Mode.parse(mode), stages, profile.cost_model() if profile is not None else None,
+                         **overrides)
 
 
-def _concurrency_markdown(sweep: dict[str, Any]) -> str:
-    c = sweep["config"]
-    unit = f"emulated ({c['profile']}, {c['link']}, D = {c['dilation']:g})" if c["emulated"] else "real CPU"
-    lines = [f"Concurrent clients, {c['model']} ({c['stages']} stages), {unit}; `{c['command']}`", "",
-             "| mode | clients | aggregate tok/s | TTFT p50 s | TTFT p95 s | identical to solo |",
-             "|---|---|---|---|---|---|"]
-    for r in sweep["rows"]:
-        lines.append(f"| {r['mode']} | {r['clients']} | {r['tokens_per_s']} | {r['ttft_p50_s']} | "
-                     f"{r['ttft_p95_s']} | {'yes' if r['identical_to_solo'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
-
-
-def _segment_rows(modes: list[str], stages: int, overrides: dict[str, Any]) -> int:
+def _segment_rows(modes: list[str], stages: int, profile: Profile | None, overrides: dict[str, Any]) -> int:
     """The largest segment (rows per stage forward) the run's modes send."""
-    from flowspec.sched import Budget, Mode
-
     rows = 1
     for m in modes:
-        b = Budget(mode=Mode.parse(m), num_stages=stages, **overrides)
+        b = _budget(m, stages, profile, overrides)
         if m == "flowspec":
             rows = max(rows, b.segment)
         elif m == "chunk":
@@ -337,15 +345,6 @@ def _segment_rows(modes: list[str], stages: int, overrides: dict[str, Any]) -> i
         elif m == "pipedec":
             rows = max(rows, b.width)
     return rows
-
-
-def _merge_kinds(reports: list[dict[str, Any]]) -> dict[str, int]:
-    """Overruns by work kind (stage, lm_head, draft, draft_sync), summed over nodes."""
-    total: dict[str, int] = {}
-    for r in reports:
-        for kind, n in (r.get("overruns_by_kind") or {}).items():
-            total[kind] = total.get(kind, 0) + int(n)
-    return total
 
 
 def _read_stage_stats(tpl: str, pos: dict[int, int]) -> dict[int, dict[str, Any]]:
@@ -429,104 +428,13 @@ def _hf_assistant(draft: str, target: str, cache_dir: str | None) -> Any:
     return model
 
 
-# -- aggregation and reports ------------------------------------------------------------------------------------
-def _summarize(args: argparse.Namespace, modes: list[str], rows: list[dict[str, Any]], dilation: float,
-               profile: Any, calibration: Any, dep: Any) -> dict[str, Any]:
-    by_prompt: dict[str, dict[str, list[int]]] = {}
-    for r in rows:
-        by_prompt.setdefault(f"{r['source']}/{r['id']}", {})[r["mode"]] = r["tokens"]
-    pipeline_same = all(len({tuple(v) for m, v in d.items() if m in PIPELINE_MODES}) <= 1
-                        for d in by_prompt.values())
-    hf_same = all(len({tuple(v) for v in d.values()}) <= 1 for d in by_prompt.values())
-    summary: dict[str, Any] = {}
-    for mode in modes:
-        rs = [r for r in rows if r["mode"] == mode]
-        tokens = sum(r["tokens_count"] for r in rs)
-        secs = sum(r["total_s"] for r in rs)
-        rate = tokens / secs if secs else 0.0
-        m: dict[str, Any] = {"prompts": len(rs), "tokens": tokens, "seconds": round(secs, 3),
-                             "tokens_per_s": round(rate, 3)}
-        if mode in PIPELINE_MODES:
-            steps = sum(r["steps"] for r in rs)
-            verifs = sum(r["verifications"] for r in rs)
-            accepted = sum(r["mean_accepted"] * r["verifications"] for r in rs)
-            committed = sum(r["tokens_count"] - 1 for r in rs)
-            decode = sum(r["decode_s"] for r in rs)
-            util = [round(sum(r["utilization"][k] * r["decode_s"] for r in rs) / decode, 3) if decode else 0.0
-                    for k in range(args.stages)]
-            stage_over = [sum(int(r["stage_overruns"].get(k, r["stage_overruns"].get(str(k), 0))) for r in rs)
-                          for k in range(1, args.stages + 1)]
-            head_over = sum(r["head_overruns"] for r in rs)
-            m.update({
-                "emulated_tokens_per_s": round(rate * dilation, 3) if profile is not None else None,
-                "decode_tokens_per_s": round(committed / decode, 3) if decode else 0.0,
-                "mean_accepted": round(accepted / verifs, 3) if verifs else 0.0,
-                "tokens_per_step": round(committed / steps, 3) if steps else 0.0,
-                "utilization": util,
-                "head_busy": round(sum(r["head_busy_s"] for r in rs) / secs, 3) if secs else 0.0,
-                "bytes_per_token": round(sum(r["bytes_real"] for r in rs) / max(tokens, 1), 1),
-                "charged_bytes_per_token": round(sum(r["bytes_charged"] for r in rs) / max(tokens, 1), 1),
-                "overruns": head_over + sum(stage_over),
-                "overruns_by_node": {"head": head_over, **{f"V{k}": v for k, v in enumerate(stage_over, 1)}},
-                "overruns_by_kind": _merge_kinds([{"overruns_by_kind": r["overruns_by_kind"]} for r in rs]),
-            })
-        else:
-            m.update({"emulated_tokens_per_s": None, "note": "single process, real CPU, not emulated"})
-        summary[mode] = m
-    config = {
-        "command": "flowspec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "",
-        "model": args.model, "draft": args.draft, "stages": args.stages, "layers": list(dep.counts),
-        "profile": profile.name if profile is not None else None,
-        "profile_source": profile.source if profile is not None else None,
-        "link": args.link, "dilation": dilation,
-        "calibration": calibration.to_json() if calibration is not None else None,
-        "budget": _budget_json(args), "max_new_tokens": args.max_new_tokens,
-        "prompts": args.prompts, "per_task": args.per_task,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python "
-                   f"{platform.python_version()}",
-        "notes": "tokens_per_s is real wall clock including prefill; emulated = real x D. Stages run as "
-                 "local processes with one torch thread each; the head runs in the bench process.",
-    }
-    return {"identical_outputs": pipeline_same, "identical_with_hf": hf_same if any(
-        m in REFERENCE_MODES for m in modes) else None, "modes": summary,
-        "prompts": [{k: v for k, v in r.items() if k != "text"} for r in rows], "config": config}
-
-
-def _budget_json(args: argparse.Namespace) -> dict[str, Any]:
+def _budget_json(args: argparse.Namespace, profile: Profile | None) -> dict[str, Any]:
+    """The budget each tree mode runs with (as chosen from the profile's curves, flags applied)."""
     from flowspec.cli.options import budget_overrides
-    from flowspec.sched import Budget, Mode
 
-    b = Budget(mode=Mode.FLOWSPEC, num_stages=args.stages, **budget_overrides(args))
-    return {f: getattr(b, f) for f in ("init_tokens", "topk", "depth", "expand_tokens", "expand_depth",
-                                      "segment", "width", "in_flight", "max_tree")}
+    fields = ("init_tokens", "topk", "depth", "expand_tokens", "expand_depth", "segment", "width", "in_flight",
+              "max_tree", "eager_root", "expand_from_leaf")
+    budgets = {m: _budget(m, args.stages, profile, budget_overrides(args)) for m in ("chunk", "pipedec", "flowspec")}
+    return {m: {f: getattr(b, f) for f in fields} for m, b in budgets.items()}
 
 
-def _markdown(results: dict[str, Any]) -> str:
-    c = results["config"]
-    emulated = c["profile"] is not None
-    lines = [f"# flowspec bench: {c['model']} ({c['draft'] or 'default draft'}), {c['stages']} stages",
-             "", f"command: `{c['command']}`", "",
-             f"machine: {c['machine']}", "",
-             f"profile: {c['profile'] or 'none (real CPU)'}; link: {c['link'] or 'loopback, unshaped'}; "
-             f"D = {c['dilation']:g}" + (f" (calibrated, binding {c['calibration']['binding']})"
-                                         if c.get("calibration") else ""),
-             "", f"identical outputs across pipeline modes: **{results['identical_outputs']}**"
-             + (f"; identical with transformers: **{results['identical_with_hf']}**"
-                if results.get("identical_with_hf") is not None else ""), ""]
-    any_over = any((m.get("overruns") or 0) > 0 for m in results["modes"].values())
-    lines.append("overruns: **" + ("YES: where listed, real compute exceeded the profile × D, so that node ran slower "
-                                   "than the emulated device and the mode's emulated rate is pessimistic"
-                                   if any_over else "none") + "**")
-    lines += ["", "| mode | tok/s real | tok/s emulated | mean accepted | tokens/step | stage utilization | "
-              "D0 busy | bytes/token real | charged | overruns |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, m in results["modes"].items():
-        if "utilization" not in m:
-            lines.append(f"| {mode} | {m['tokens_per_s']} | (real CPU, one process) | | | | | | | |")
-            continue
-        util = "/".join(f"{u * 100:.0f}" for u in m["utilization"]) + " %"
-        emu = m["emulated_tokens_per_s"] if emulated else "-"
-        lines.append(f"| {mode} | {m['tokens_per_s']} | {emu} | {m['mean_accepted']} | {m['tokens_per_step']} | "
-                     f"{util} | {m['head_busy'] * 100:.0f} % | {m['bytes_per_token']:.0f} | "
-                     f"{m['charged_bytes_per_token']:.0f} | {m['overruns']} |")
-    lines.append("")
-    return "\n".join(lines)

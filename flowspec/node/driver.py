@@ -9,6 +9,7 @@ TaskGroup; the close on every stage runs to its end even when the driver is canc
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -58,6 +59,7 @@ class GenerationResult:
     head_busy: list[tuple[float, float, str]] = field(default_factory=list)  # head compute: (start, end, kind)
     bytes_sent: int = 0  # real bytes the head put on the wire for this request
     recoveries: int = 0  # stages lost and replaced during the request
+    verdict_times: list[float] = field(default_factory=list)  # monotonic time of each verdict broadcast
 
     @property
     def decode_s(self) -> float:
@@ -195,6 +197,7 @@ class RequestDriver:
                 await self.links.send(1, Segment(req, action.step, action.after, _ids(action.ids),
                                                  _ids(action.parents), _ids(action.positions), _ids(action.tokens)))
             case BroadcastVerdict():
+                self.result.verdict_times.append(time.monotonic())  # when decided: the hop to V1 is V1 idle time
                 verdict = Verdict(req, action.seq, _ids(action.commit), action.root, action.watermark)
                 for k in range(1, self.links.num_stages + 1):
                     await self.links.send(k, verdict)
