@@ -173,6 +173,8 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     for k in range(1, args.stages + 1):
         Path(stats_tpl.format(index=k)).unlink(missing_ok=True)
     rows_out: list[dict[str, Any]] = []
+    ran: dict[str, Budget] = {}  # mode -> the budget the runtime chose
+    costs = None  # the cost lines the runtime measured at start-up
     first: dict[str, dict[str, Any]] = {}  # mode -> timeline data of the first prompt
     stats_pos = {k: 0 for k in range(1, args.stages + 1)}
     hf = _HFRefs(args, draft, refs) if refs else None
@@ -201,6 +203,10 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                     (out / "concurrency.json").write_text(json.dumps(sweep, indent=1))
                     (out / "concurrency.md").write_text(concurrency_markdown(sweep))
                     return sweep
+                # what the runtime chose from the costs it measured at start-up: that is what ran
+                ran = {m: cluster.budget(Request(m, args.max_new_tokens, 0.0, 1.0, 0, overrides))
+                       for m in pipeline if m != "ar"}
+                costs = cluster.head.cost_model()
                 bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=args.no_progress,
                            file=sys.stderr)
                 for p_index, prompt in enumerate(prompts):
@@ -256,7 +262,10 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                 row.update(id=prompt.id, source=prompt.source, mode=mode)
                 rows_out.append(row)
 
-    results = summarize(args, modes, rows_out, dilation, profile, calibration, dep, _budget_json(args, profile))
+    budgets = _budget_json(args, profile, ran)
+    if costs is not None:
+        budgets["measured_costs_s"] = costs.to_json()  # the lines the runtime measured (x D when emulated)
+    results = summarize(args, modes, rows_out, dilation, profile, calibration, dep, budgets)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
     for mode, data in first.items():
@@ -428,13 +437,16 @@ def _hf_assistant(draft: str, target: str, cache_dir: str | None) -> Any:
     return model
 
 
-def _budget_json(args: argparse.Namespace, profile: Profile | None) -> dict[str, Any]:
-    """The budget each tree mode runs with (as chosen from the profile's curves, flags applied)."""
+def _budget_json(args: argparse.Namespace, profile: Profile | None, ran: dict[str, Budget]) -> dict[str, Any]:
+    """The budget each tree mode ran with: as the runtime chose it from its start-up measurements (`ran`), else
+    as chosen from the profile's curves; flags applied either way."""
+    from dataclasses import fields
+
     from flowspec.cli.options import budget_overrides
 
-    fields = ("init_tokens", "topk", "depth", "expand_tokens", "expand_depth", "segment", "width", "in_flight",
-              "max_tree", "eager_root", "expand_from_leaf")
-    budgets = {m: _budget(m, args.stages, profile, budget_overrides(args)) for m in ("chunk", "pipedec", "flowspec")}
-    return {m: {f: getattr(b, f) for f in fields} for m, b in budgets.items()}
+    budgets = {m: ran.get(m) or _budget(m, args.stages, profile, budget_overrides(args))
+               for m in ("chunk", "pipedec", "flowspec")}
+    names = [f.name for f in fields(budgets["flowspec"]) if f.name not in ("mode", "num_stages")]
+    return {m: {name: getattr(b, name) for name in names} for m, b in budgets.items()}
 
 

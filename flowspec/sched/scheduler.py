@@ -301,8 +301,8 @@ class Scheduler:
 
     def _floor(self) -> float:
         """The lowest score worth a row after a segment's first (Budget.min_reach), as an absolute score."""
-        if self.budget.min_reach <= 0.0:
-            return -math.inf
+        if self.budget.min_reach <= 0.0 or self.budget.mode is not Mode.FLOWSPEC:
+            return -math.inf  # the baselines send what their algorithms say
         return self.tree.root.score + math.log(self.budget.min_reach)
 
     def _send(self, nodes: list[Node]) -> SendSegment:
