@@ -194,7 +194,8 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
             await local.start()
             async with await Cluster.connect(local.peers, model=args.model, draft=real_drafter,
                                              cache_dir=args.cache_dir, timeouts=Timeouts(heartbeat_timeout=beat),
-                                             step_timeout=max(60.0, 10 * dilation), backend=head_backend,
+                                             step_timeout=_step_timeout(prompts, profile, dilation, args.stages),
+                                             backend=head_backend,
                                              **{**formats(args), "device": device}) as cluster:
                 if args.concurrency:
                     levels = _levels(args.concurrency)
@@ -330,6 +331,19 @@ async def _concurrency_sweep(cluster: Any, modes: list[str], prompts: list[Any],
                        "max_new_tokens": args.max_new_tokens, "prompts": [f"{p.source}/{p.id}" for p in prompts],
                        "command": "flowspec " + " ".join(shlex.quote(a) for a in sys.argv[1:])},
             "rows": rows, "identical_outputs": all(r["identical_to_solo"] for r in rows)}
+
+
+def _step_timeout(prompts: list[Any], profile: Profile | None, dilation: float, stages: int) -> float:
+    """How long the head waits without progress: a prefill returns nothing until its last chunk has passed every
+    stage, which on a slow profile (a Pi: 1.6 s per 60-token chunk and stage) takes minutes once dilated."""
+    from flowspec.node.driver import PREFILL_CHUNK
+
+    if profile is None:
+        return max(60.0, 10 * dilation)
+    longest = max((len(p.text) for p in prompts), default=0) // 2 + 64  # tokens, generously (chat template)
+    chunks = -(-longest // PREFILL_CHUNK)
+    prefill = profile.stage_cost(PREFILL_CHUNK, longest) * dilation * (chunks + stages)
+    return max(60.0, 10 * dilation, 2 * prefill)
 
 
 def _budget(mode: str, stages: int, profile: Profile | None, overrides: dict[str, Any]) -> Budget:
