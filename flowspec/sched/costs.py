@@ -102,7 +102,8 @@ def choose_budget(mode: Mode, num_stages: int, costs: CostModel | None, **overri
         "lookup": min(8, max(2, segment)),
         "max_tree": max(64, 2 * segment * (num_stages + 1)),
         # a row is worth sending when its chance of being accepted pays for what it adds to a step
-        "min_reach": min(0.5, costs.stage.per_row / costs.stage(1)) if costs.stage(1) > 0 else 0.0,
+        # (three decimals: measurement noise must not make two runs' budgets differ)
+        "min_reach": round(min(0.5, costs.stage.per_row / costs.stage(1)), 3) if costs.stage(1) > 0 else 0.0,
     }
     try:
         return Budget(mode=mode, num_stages=num_stages, **{**auto, **overrides})
