@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import pytest
 
+from dataclasses import fields
+
 from flowspec.api import Cluster, Request
 from flowspec.errors import FlowSpecError
+from flowspec.sched import Budget, Mode
 from flowspec.node.local import LocalCluster
 from tests.e2e.conftest import SMOL, specbench_prompts, start_sync
 
 pytestmark = pytest.mark.slow
 NEW = 16
 PROMPTS = specbench_prompts(("mt_bench", "humaneval"))
+# One fixed budget: the runtime picks budgets from timings that vary run to run, and in bfloat16 a different
+# row count per forward can flip a near-tie (the lossless contract below fp32 is "equal to ar except at measured
+# near-ties"); this test checks the formats' plumbing on prompts without a near-tie at these row counts.
+FIXED = {f.name: getattr(Budget(Mode.FLOWSPEC, 2), f.name) for f in fields(Budget)
+         if f.name not in ("mode", "num_stages")} | {"lookup": 0}
 
 
 @pytest.mark.parametrize(("dtype", "quant"), [("bfloat16", "none"), ("auto", "int8")])
@@ -27,7 +35,7 @@ async def test_speculative_modes_equal_ar_at_the_same_precision(dtype: str, quan
             assert ar.stage_memory.keys() == {1, 2} and all(m["weights"] > 0 and m["kv"] > 0 and m["rss"] > 0
                                                              for m in ar.stage_memory.values())
             for mode in ("flowspec", "pipedec"):
-                spec = await cluster.generate(ids, Request(mode, NEW))
+                spec = await cluster.generate(ids, Request(mode, NEW, budget=FIXED))
                 assert spec.tokens == ar.tokens, f"{mode} at {dtype}/{quant} differs from ar on {text[:40]!r}"
 
 
