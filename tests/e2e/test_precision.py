@@ -4,14 +4,14 @@ fp32), stages report their memory, and a stage started in another format is refu
 
 from __future__ import annotations
 
-import pytest
-
 from dataclasses import fields
+
+import pytest
 
 from flowspec.api import Cluster, Request
 from flowspec.errors import FlowSpecError
-from flowspec.sched import Budget, Mode
 from flowspec.node.local import LocalCluster
+from flowspec.sched import Budget, Mode
 from tests.e2e.conftest import SMOL, specbench_prompts, start_sync
 
 pytestmark = pytest.mark.slow
