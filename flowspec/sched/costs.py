@@ -20,7 +20,7 @@ The rules, each from one ratio of the curves:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 from flowspec.errors import ConfigError
@@ -108,4 +108,4 @@ def choose_budget(mode: Mode, num_stages: int, costs: CostModel | None, **overri
     try:
         return Budget(mode=mode, num_stages=num_stages, **{**auto, **overrides})
     except ConfigError:  # an override that clashes with a chosen value (say a small max_tree): keep theirs
-        return replace(Budget(mode=mode, num_stages=num_stages, **overrides))
+        return Budget(mode=mode, num_stages=num_stages, **overrides)

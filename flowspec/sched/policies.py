@@ -96,6 +96,15 @@ class _Policy:
         """The drafter is free (whether or not a slot is): grow the tree ahead of the pipeline."""
         return None
 
+    def min_reach(self) -> float:
+        """A segment's rows after its first go out only for nodes at least this likely to be reached (0: all).
+        The baselines send what their algorithms say."""
+        return 0.0
+
+    def lookup_length(self) -> int:
+        """Tokens of prompt lookup to hang under the root after each verdict (0: none)."""
+        return 0
+
 
 class _AutoRegressive(_Policy):
     def segment_size(self) -> int:
@@ -166,6 +175,12 @@ class _FlowSpec(_Policy):
         if v.fresh_round and v.drafting and not v.budget.eager_root and v.unsent_count <= 1:
             return 0  # a round starts: the root goes out with the first segment of its tree (paper §D.1)
         return v.budget.segment
+
+    def min_reach(self) -> float:
+        return self.view.budget.min_reach
+
+    def lookup_length(self) -> int:
+        return self.view.budget.lookup
 
     def draft_ahead(self) -> DraftDecision:
         """Keep drafting below the likeliest leaf while the pipeline works, up to the tree's bound and one

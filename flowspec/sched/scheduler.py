@@ -16,7 +16,7 @@ from typing import TypeAlias, final
 
 from flowspec.errors import LocalProtocolError
 from flowspec.sched.actions import Action, BroadcastVerdict, EmitTokens, Finish, RunDraft, SendSegment
-from flowspec.sched.budget import Budget, Mode
+from flowspec.sched.budget import Budget
 from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageError, StageLost
 from flowspec.sched.growth import Candidate, DraftDecision, DraftJob, job_for
 from flowspec.sched.lookup import LookupScore, NgramIndex
@@ -300,10 +300,11 @@ class Scheduler:
         return actions
 
     def _floor(self) -> float:
-        """The lowest score worth a row after a segment's first (Budget.min_reach), as an absolute score."""
-        if self.budget.min_reach <= 0.0 or self.budget.mode is not Mode.FLOWSPEC:
-            return -math.inf  # the baselines send what their algorithms say
-        return self.tree.root.score + math.log(self.budget.min_reach)
+        """The lowest score worth a row after a segment's first (the policy's min_reach), as an absolute score."""
+        min_reach = self._policy.min_reach()
+        if min_reach <= 0.0:
+            return -math.inf
+        return self.tree.root.score + math.log(min_reach)
 
     def _send(self, nodes: list[Node]) -> SendSegment:
         self.stats.steps += 1
@@ -365,10 +366,11 @@ class Scheduler:
     def _look_up(self) -> None:
         """Hang what followed the committed text's suffix earlier on under the root, as a chain merged by token
         path into the tree (a token the drafter proposed too keeps its node), scored by LookupScore."""
-        if self.budget.mode is not Mode.FLOWSPEC or not self.budget.lookup:
+        length = self._policy.lookup_length()
+        if not length:
             return
         node = self.tree.root
-        for token in self.lookup.propose(self.budget.lookup):
+        for token in self.lookup.propose(length):
             if node.position + 1 >= self.max_context or len(self.tree) >= self.budget.max_tree:
                 break
             known = token in node.children
