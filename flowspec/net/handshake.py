@@ -1,9 +1,18 @@
 """Sans-IO handshake: messages in, messages to send out, no sockets.
 
 Both sides send ``Hello`` first. On the peer's hello each side checks version, model fingerprint and (the
-connector) the role and stage index it meant to reach, then sends ``Auth``: HMAC-SHA256 over the peer's nonce
-followed by the canonical msgpack bytes of its own hello. The acceptor sends ``Ready`` once the connector's MAC
-checks out. Any failure produces a ``Refuse`` to send (the peer learns why) and a local ``AuthError``.
+connector) the role and stage index it meant to reach. Then the connector proves first: ``Auth`` carries
+HMAC-SHA256 over a direction label ("the connector proves to the acceptor") and the transcript, the canonical
+msgpack bytes of both hellos (connector's, then acceptor's: both nonces, roles, indices, fingerprints). The
+acceptor checks it, then proves itself the same way under the other label and sends ``Ready``; the connector
+checks that proof before it takes ``Ready``. Any failure produces a ``Refuse`` to send (the peer learns why)
+and a local ``AuthError``.
+
+Why this shape (docs/ARCHITECTURE.md, "Handshake"): a proof covers both fresh nonces, so it is valid on its
+own connection only (a recorded handshake replays nowhere); it names its direction, so one side's proof is
+never the other's; and the acceptor, which answers anyone who connects, proves nothing before the connector
+has proved it knows the secret, so no connection can use a stage to sign values of its choosing and reflect
+them into another (the attack a proof over "peer nonce + own hello" allowed).
 
 Auth is always sent; without a configured secret the MAC is keyed with the empty key. That carries no security,
 but it lets each side tell "the peer has no secret" and "the peer has a different secret" apart, and fail both
@@ -21,7 +30,7 @@ from flowspec.errors import AuthError, ConfigError, LocalProtocolError
 from flowspec.net.codec import packb
 from flowspec.net.messages import Auth, Hello, Message, Ready, Refuse
 
-__all__ = ["Handshake", "HandshakeState", "LISTENING_ROLES", "compute_mac"]
+__all__ = ["CONNECTOR_PROVES", "ACCEPTOR_PROVES", "Handshake", "HandshakeState", "LISTENING_ROLES", "proof"]
 
 LISTENING_ROLES = ("stage", "relay")  # the head only connects out (docs/ARCHITECTURE.md, Connections)
 _SPLIT_HINT = "start every node with the same model and split (layers=), in the same formats (dtype/quant)"
@@ -51,9 +60,15 @@ class HandshakeState(enum.Enum):
     FAILED = "failed"
 
 
-def compute_mac(secret: bytes, peer_nonce: bytes, own: Hello) -> bytes:
-    """HMAC-SHA256(secret, peer nonce || canonical msgpack bytes of our own hello)."""
-    return hmac.new(secret, peer_nonce + packb(own.to_wire()), hashlib.sha256).digest()
+# Direction labels: who proves to whom. Distinct, and neither a prefix of the other.
+CONNECTOR_PROVES = b"flowspec handshake v3: connector to acceptor\x00"
+ACCEPTOR_PROVES = b"flowspec handshake v3: acceptor to connector\x00"
+
+
+def proof(secret: bytes, label: bytes, connector: Hello, acceptor: Hello) -> bytes:
+    """HMAC-SHA256(secret, label || canonical msgpack of [connector's hello, acceptor's hello])."""
+    transcript = packb([connector.to_wire(), acceptor.to_wire()])
+    return hmac.new(secret, label + transcript, hashlib.sha256).digest()
 
 
 def _who(h: Hello) -> str:
@@ -87,7 +102,8 @@ class Handshake:
         match msg, self.state:
             case Refuse(code=code, reason=reason), _:
                 self.state = HandshakeState.FAILED
-                self.error = AuthError(f"refused by peer ({code}): {reason}")
+                who = _who(self.peer) if self.peer is not None else "peer"
+                self.error = AuthError(f"refused by {who} ({code}): {reason}")
                 return []
             case Hello(), HandshakeState.AWAIT_HELLO:
                 return self._on_hello(msg)
@@ -127,31 +143,36 @@ class Handshake:
                 f"wrong peer: expected to reach stage {self._expect_index}, reached {_who(peer)}; check the "
                 f"peers file (host:port order)")
         self.state = HandshakeState.AWAIT_AUTH
-        return [Auth(mac=compute_mac(self._secret or b"", peer.nonce, own))]
+        if self._acceptor:
+            return []  # the connector proves first; this side proves nothing to a peer not yet known
+        return [Auth(mac=self._proof(self._secret or b"", mine=True))]
+
+    def _proof(self, secret: bytes, *, mine: bool) -> bytes:
+        """This side's proof (``mine``) or the one expected from the peer, over this connection's transcript."""
+        assert self.peer is not None
+        connector, acceptor = (self.peer, self.own) if self._acceptor else (self.own, self.peer)
+        prover_is_acceptor = self._acceptor == mine
+        return proof(secret, ACCEPTOR_PROVES if prover_is_acceptor else CONNECTOR_PROVES, connector, acceptor)
 
     def _on_auth(self, auth: Auth) -> list[Message]:
-        assert self.peer is not None
-        expected = compute_mac(self._secret or b"", self.own.nonce, self.peer)
-        if not hmac.compare_digest(auth.mac, expected):
+        if not hmac.compare_digest(auth.mac, self._proof(self._secret or b"", mine=False)):
             return self._fail("auth", *self._mac_mismatch(auth.mac))
         if self._acceptor:
             self.state = HandshakeState.DONE
-            return [Ready()]
+            return [Auth(mac=self._proof(self._secret or b"", mine=True)), Ready()]
         self.state = HandshakeState.AWAIT_READY
         return []
 
     def _mac_mismatch(self, mac: bytes) -> tuple[str, str]:
+        """(reason for the peer, local reason): each names the other side, as read on the node that shows it."""
         assert self.peer is not None
-        peer_unkeyed = hmac.compare_digest(mac, compute_mac(b"", self.own.nonce, self.peer))
-        if self._secret is not None and peer_unkeyed:
-            return ("this end requires a shared secret and you have none configured; set the same secret on "
-                    "both ends",
-                    f"peer {_who(self.peer)} has no shared secret configured, but this node requires one; set "
-                    f"the same secret on both ends")
+        me, peer = _who(self.own), _who(self.peer)
+        hint = "; set the same secret on both ends"
+        if self._secret is not None and hmac.compare_digest(mac, self._proof(b"", mine=False)):
+            return (f"peer {me} uses a shared secret, but none is configured on this node{hint}",
+                    f"peer {peer} has no shared secret configured, but this node requires one{hint}")
         if self._secret is None:
-            return ("you authenticated with a shared secret, but this end has none configured; set the same "
-                    "secret on both ends",
-                    f"peer {_who(self.peer)} uses a shared secret, but none is configured on this node; set the "
-                    f"same secret on both ends")
-        return ("authentication failed: shared secrets differ",
-                f"authentication failed: peer {_who(self.peer)} proved a different shared secret")
+            return (f"peer {me} has no shared secret configured, but this node requires one{hint}",
+                    f"peer {peer} uses a shared secret, but none is configured on this node{hint}")
+        return (f"authentication failed: peer {me} has a different shared secret",
+                f"authentication failed: peer {peer} proved a different shared secret")

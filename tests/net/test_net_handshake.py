@@ -6,6 +6,8 @@ from collections import deque
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowspec.errors import AuthError, ConfigError, LocalProtocolError
 from flowspec.net import (
@@ -18,10 +20,10 @@ from flowspec.net import (
     Message,
     Ping,
     Ready,
-    compute_mac,
     encode_frame,
     parse_message,
 )
+from flowspec.net.handshake import ACCEPTOR_PROVES, CONNECTOR_PROVES, proof
 
 STAGE = Hello(version=1, role="stage", index=2, fingerprint="abc123" + "0" * 58, nonce=b"S" * 16)
 HEAD = Hello(version=1, role="head", index=0, fingerprint="abc123" + "0" * 58, nonce=b"H" * 16)
@@ -82,7 +84,7 @@ def refused(c: Handshake, s: Handshake) -> tuple[str, str]:
 
 def test_wrong_secret_refused_on_both_sides() -> None:
     client, server = refused(*pair(b"secret-one-123456", b"secret-two-123456"))
-    assert "authentication failed: peer stage 2 proved a different shared secret" in client
+    assert "refused by stage 2 (auth): authentication failed: peer stage 2 has a different shared secret" in client
     assert "authentication failed: peer head 0 proved a different shared secret" in server
 
 
@@ -127,7 +129,7 @@ def test_wrong_index_refused() -> None:
     c, s = pair(expect=3)
     client, server = refused(c, s)
     assert "expected to reach stage 3, reached stage 2" in client
-    assert "refused by peer (index)" in server and "meant to reach stage 3" in server
+    assert "refused by head 0 (index)" in server and "meant to reach stage 3" in server
 
 
 def test_connector_refuses_a_head_that_listens() -> None:
@@ -146,16 +148,77 @@ def test_unexpected_message_during_handshake() -> None:
 
 
 def test_replayed_auth_from_another_connection_fails() -> None:
-    """A MAC is bound to the verifier's nonce: one captured on another connection does not verify."""
+    """A proof covers both nonces: the one recorded on another connection does not verify."""
     secret = b"shared-secret-123"
     first_c, first_s = pair(secret, secret)
     assert first_s.state is HandshakeState.DONE
+    recorded = Auth(mac=proof(secret, CONNECTOR_PROVES, HEAD, STAGE))  # what the head sent on that connection
     s = Handshake(replace(STAGE, nonce=b"N" * 16), secret=secret, acceptor=True)
     s.start()
-    s.receive(HEAD)
-    captured = Auth(mac=compute_mac(secret, STAGE.nonce, HEAD))  # valid for the first connection only
-    s.receive(captured)
-    assert s.state is HandshakeState.FAILED
+    assert s.receive(HEAD) == []
+    out = s.receive(recorded)
+    assert s.state is HandshakeState.FAILED and [m.kind for m in out] == ["refuse"]
+
+
+def test_the_acceptor_proves_nothing_before_the_connector_has() -> None:
+    """A stage answers anyone who connects: it must not sign a value the caller chose (a nonce taken from
+    another connection) before the caller has proved it knows the secret."""
+    s = Handshake(STAGE, secret=b"shared-secret-123", acceptor=True)
+    assert [m.kind for m in s.start()] == ["hello"]
+    assert s.receive(HEAD) == []
+    out = s.receive(Auth(mac=bytes(32)))
+    assert [m.kind for m in out] == ["refuse"] and s.state is HandshakeState.FAILED
+
+
+def test_reflecting_one_stages_proof_into_another_fails() -> None:
+    """The reported attack, in memory: the intruder learns stage K's nonce, asks stage K-1 to prove itself over
+    that nonce while posing as the head, then replays whatever K-1 sent to K as stage K-1's proof."""
+    secret = b"shared-secret-123"
+    stage_k = Handshake(replace(STAGE, index=2, nonce=b"K" * 16), secret=secret, acceptor=True)
+    stage_k1 = Handshake(replace(STAGE, index=1, nonce=b"J" * 16), secret=secret, acceptor=True)
+    k_hello = stage_k.start()[0]
+    k1_hello = stage_k1.start()[0]
+    assert isinstance(k_hello, Hello) and isinstance(k1_hello, Hello)
+    from_k1 = stage_k1.receive(replace(HEAD, nonce=k_hello.nonce))  # "head" carrying K's nonce
+    assert from_k1 == []  # nothing to reflect
+    assert stage_k.receive(k1_hello) == []
+    # The best the intruder can send: a proof under any label over any transcript, without the secret.
+    for guess in (proof(b"", CONNECTOR_PROVES, k1_hello, k_hello), bytes(32)):
+        k = Handshake(replace(STAGE, index=2, nonce=b"L" * 16), secret=secret, acceptor=True)
+        k.start()
+        k.receive(k1_hello)
+        assert [m.kind for m in k.receive(Auth(mac=guess))] == ["refuse"] and k.state is HandshakeState.FAILED
+    # And the proof of a real connection between the head and K-1 is of no use on the K-1 -> K connection.
+    c, s = pair(secret, secret, expect=1, server=k1_hello)
+    assert c.state is s.state is HandshakeState.DONE
+    k1_proof = proof(secret, CONNECTOR_PROVES, HEAD, k1_hello)
+    out = stage_k.receive(Auth(mac=k1_proof))
+    assert [m.kind for m in out] == ["refuse"] and stage_k.state is HandshakeState.FAILED
+
+
+def test_a_proof_names_its_direction() -> None:
+    """The same transcript gives different proofs for the two directions, so neither side's proof can be sent
+    back to it as the other's."""
+    secret = b"shared-secret-123"
+    assert proof(secret, CONNECTOR_PROVES, HEAD, STAGE) != proof(secret, ACCEPTOR_PROVES, HEAD, STAGE)
+    c = Handshake(HEAD, secret=secret, acceptor=False, expect_index=2)
+    c.start()
+    [sent] = c.receive(STAGE)
+    assert isinstance(sent, Auth)
+    assert [m.kind for m in c.receive(sent)] == ["refuse"]  # its own proof, echoed, is not the acceptor's
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st.binary(min_size=16, max_size=16), b=st.binary(min_size=16, max_size=16),
+       c=st.binary(min_size=16, max_size=16), d=st.binary(min_size=16, max_size=16))
+def test_proofs_are_bound_to_both_nonces(a: bytes, b: bytes, c: bytes, d: bytes) -> None:
+    """Two connections whose nonces differ anywhere get different proofs, in both directions."""
+    secret = b"shared-secret-123"
+    first = (replace(HEAD, nonce=a), replace(STAGE, nonce=b))
+    second = (replace(HEAD, nonce=c), replace(STAGE, nonce=d))
+    for label in (CONNECTOR_PROVES, ACCEPTOR_PROVES):
+        same = proof(secret, label, *first) == proof(secret, label, *second)
+        assert same == ((a, b) == (c, d))
 
 
 def test_empty_secret_is_a_config_error() -> None:
