@@ -10,7 +10,8 @@ if TYPE_CHECKING:
 
     from flowspec.sched.growth import DraftJob
 
-__all__ = ["Cancelled", "DraftReady", "Event", "Prefilled", "SegmentReturned", "StageError", "StageLost"]
+__all__ = ["Cancelled", "DraftError", "DraftReady", "Event", "Prefilled", "SegmentReturned", "StageError", "StageLost",
+           "StepTimedOut"]
 
 
 @final
@@ -68,10 +69,27 @@ class StageError:
 
 @final
 @dataclass(frozen=True, slots=True)
+class DraftError:
+    """A draft job the scheduler asked for failed (a drafter bug, or its compute failed): the request fails."""
+
+    reason: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class StepTimedOut:
+    """Nothing the request waits for arrived within `seconds`: a stage is stalled or far too slow. The request
+    fails, naming what it was waiting for (the pipeline may be whole: nothing says which stage to replace)."""
+
+    seconds: float
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class Cancelled:
     """The client went away: the request finishes with reason "cancelled" (ignored once it has finished)."""
 
     reason: str = "cancelled by client"
 
 
-Event = Prefilled | SegmentReturned | DraftReady | StageLost | StageError | Cancelled
+Event = Prefilled | SegmentReturned | DraftReady | DraftError | StageLost | StageError | StepTimedOut | Cancelled

@@ -52,6 +52,11 @@ class SchedulerView:
         return self._s.tree.root_id
 
     @property
+    def drafts_merged_in_round(self) -> int:
+        """Draft jobs merged since the current round's root was made."""
+        return self._s.drafts_merged_in_round
+
+    @property
     def fresh_round(self) -> bool:
         """A round just started: its root is not sent yet."""
         return self._s.tree.fresh_round
@@ -78,7 +83,8 @@ class _Policy:
         """A verdict moved the root into the surviving tree."""
         return None
 
-    def on_draft_merged(self) -> DraftDecision:
+    def on_draft_merged(self, decision_pending: bool) -> DraftDecision:
+        """A draft job was merged; `decision_pending`: a draft decision came while it ran (and waited)."""
         return None
 
     def ready_to_verify(self) -> bool:
@@ -114,24 +120,15 @@ class _AutoRegressive(_Policy):
 class _ChunkPP(_Policy):
     """A whole tree per round, split into num_stages + 1 chunks; verified once every chunk is back."""
 
-    def __init__(self, view: SchedulerView) -> None:
-        super().__init__(view)
-        self.tree_ready = False
-
     def on_round_start(self) -> DraftDecision:
-        self.tree_ready = False
         b = self.view.budget
         return GrowTree(self.view.root_id, b.init_tokens, b.depth)
-
-    def on_draft_merged(self) -> DraftDecision:
-        self.tree_ready = True
-        return None
 
     def ready_to_verify(self) -> bool:
         return self.view.segments_in_flight == 0
 
     def segment_size(self) -> int:
-        if not self.tree_ready:
+        if not self.view.drafts_merged_in_round:  # the round's tree is not drafted yet
             return 0
         return -(-self.view.tree_size // (self.view.budget.num_stages + 1))
 
@@ -149,10 +146,6 @@ class _PipeDec(_Policy):
 class _FlowSpec(_Policy):
     """Continuous: the best-scored unsent nodes go out every time a slot frees; expand after every verdict."""
 
-    def __init__(self, view: SchedulerView) -> None:
-        super().__init__(view)
-        self.expand_pending = False
-
     def on_round_start(self) -> DraftDecision:
         b = self.view.budget
         return self._draft(self.view.root_id, b.init_tokens, b.depth)
@@ -164,11 +157,8 @@ class _FlowSpec(_Policy):
         anchor = v.best_leaf_id() if b.expand_from_leaf else v.root_id
         return self._draft(anchor, b.expand_tokens, b.expand_depth)
 
-    def on_draft_merged(self) -> DraftDecision:
-        if self.expand_pending:
-            self.expand_pending = False
-            return self.on_verified()
-        return None
+    def on_draft_merged(self, decision_pending: bool) -> DraftDecision:
+        return self.on_verified() if decision_pending else None  # expand under the newest root
 
     def segment_size(self) -> int:
         v = self.view
@@ -202,9 +192,6 @@ class _FlowSpec(_Policy):
         return self._draft(v.best_leaf_id(), b.expand_tokens, b.expand_depth)
 
     def _draft(self, anchor_id: int, tokens: int, depth: int) -> DraftDecision:
-        if self.view.drafting:
-            self.expand_pending = True  # expand under the newest root once the running job is merged
-            return None
         return GrowTree(anchor_id, tokens, depth)
 
 

@@ -3,7 +3,13 @@
 One object per request. It owns the committed tokens, the draft tree with its priority queue, the in-flight
 ledger and the verdict sequence. A mode policy reads a `SchedulerView` and returns decisions (how many nodes to
 send now, what to draft); only the scheduler changes state. No I/O, no asyncio, no model code: the shell
-(flowspec.node) feeds it events and carries out its actions.
+(flowspec.node) feeds it events, every failure it sees included, and carries out its actions.
+
+The request's life is the table `TRANSITIONS`: which events each state accepts and, by how the handler came
+out (still going, finished, failed), the state that follows. `handle` is the only place that sets the state;
+docs/ARCHITECTURE.md's state diagram is generated from the table (scripts/make_state_diagram.py). As in h11,
+ERROR is sticky: an exception inside `handle` (a stage's bad frame, or a bug) leaves the request in ERROR
+with the reason, and every later event is refused naming it.
 """
 
 from __future__ import annotations
@@ -14,17 +20,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias, final
 
-from flowspec.errors import LocalProtocolError
+from flowspec.errors import LocalProtocolError, PeerProtocolError
 from flowspec.sched.actions import Action, BroadcastVerdict, EmitTokens, Finish, RunDraft, SendSegment
 from flowspec.sched.budget import Budget
-from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageError, StageLost
+from flowspec.sched.events import (
+    Cancelled,
+    DraftError,
+    DraftReady,
+    Event,
+    Prefilled,
+    SegmentReturned,
+    StageError,
+    StageLost,
+    StepTimedOut,
+)
 from flowspec.sched.growth import Candidate, DraftDecision, DraftJob, job_for
 from flowspec.sched.lookup import LookupScore, NgramIndex
 from flowspec.sched.policies import POLICIES, SchedulerView
 from flowspec.sched.sampling import SamplingParams, choose_token
 from flowspec.sched.tree import DraftTree, Node
 
-__all__ = ["CommittedAt", "DecodeStats", "RequestState", "Scheduler"]
+__all__ = ["TRANSITIONS", "CommittedAt", "DecodeStats", "Outcome", "RequestState", "Scheduler"]
 
 
 class RequestState(enum.Enum):
@@ -34,14 +50,30 @@ class RequestState(enum.Enum):
     ERROR = "error"  # sticky: every later event is refused with the original reason
 
 
-_FAILURES = (StageLost, StageError)
+class Outcome(enum.Enum):
+    """How one event's handler came out; with the state and the event's type it picks the next state."""
 
-# Legal (state, event type) pairs. Anything else is a LocalProtocolError naming both.
-_ACCEPTS: dict[RequestState, tuple[type, ...]] = {
-    RequestState.PREFILLING: (Prefilled, *_FAILURES, Cancelled),
-    RequestState.DECODING: (SegmentReturned, DraftReady, *_FAILURES, Cancelled),
-    RequestState.DONE: (SegmentReturned, DraftReady, *_FAILURES, Cancelled),  # late arrivals change nothing
-    RequestState.ERROR: (),
+    GOING = "going"  # the request goes on
+    FINISHED = "finished"  # it has its answer (eos, length, cancelled), or had it before this event
+    FAILED = "failed"  # it cannot go on: a stage was lost or failed, the drafter failed, a step timed out
+
+
+_S, _O = RequestState, Outcome
+_FAILURES = (StageLost, StageError, DraftError, StepTimedOut)
+_LATE = {_O.FINISHED: _S.DONE}  # after the answer, arrivals settle the ledger and change nothing
+
+# (state, event type) -> {outcome: next state}. A pair missing here is not legal in that state; an outcome
+# missing from its row is a bug in a handler. ERROR accepts nothing (sticky). `Scheduler.resume` starts in
+# DECODING (a fresh pipeline holding what was committed).
+TRANSITIONS: dict[tuple[RequestState, type], dict[Outcome, RequestState]] = {
+    (_S.PREFILLING, Prefilled): {_O.GOING: _S.DECODING, _O.FINISHED: _S.DONE},
+    **{(_S.PREFILLING, failure): {_O.FAILED: _S.ERROR} for failure in _FAILURES},
+    (_S.PREFILLING, Cancelled): {_O.FINISHED: _S.DONE},
+    (_S.DECODING, SegmentReturned): {_O.GOING: _S.DECODING, _O.FINISHED: _S.DONE},
+    (_S.DECODING, DraftReady): {_O.GOING: _S.DECODING},
+    **{(_S.DECODING, failure): {_O.FAILED: _S.ERROR} for failure in _FAILURES},
+    (_S.DECODING, Cancelled): {_O.FINISHED: _S.DONE},
+    **{(_S.DONE, late): _LATE for late in (SegmentReturned, DraftReady, *_FAILURES, Cancelled)},
 }
 
 
@@ -110,6 +142,8 @@ class Scheduler:
         self.lookup.extend(self.committed)
         self.lookup_score = LookupScore()
         self.looked_up: set[int] = set()  # live node ids a lookup proposed
+        self.drafts_merged_in_round = 0  # draft jobs merged since the current round's root was made
+        self.expand_pending = False  # a draft decision came while a job ran: ask the policy again after it
         self._policy = POLICIES[budget.mode](SchedulerView(self))
 
     @classmethod
@@ -130,15 +164,38 @@ class Scheduler:
         root = s.tree.new_root(committed[-1], len(committed) - 1)
         s.seq = 1
         actions: list[Action] = [BroadcastVerdict(1, (), root.id, s.tree.watermark)]
-        return s, actions + s._start_draft(s._policy.on_round_start()) + s._fill()
+        return s, actions + s._start_draft(s._round_start()) + s._fill()
 
     # -- the one entry point -----------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Action]:
+        """Advance on one event; returns what the shell must do, in order.
+
+        Raises LocalProtocolError for an event the current state does not accept (naming both), and
+        PeerProtocolError for a returned segment the ledger contradicts (the last stage's fault). Any
+        exception leaves the request in ERROR.
+        """
         name = type(event).__name__
         if self.state is RequestState.ERROR:
             raise LocalProtocolError(f"{name} is not legal in state ERROR: the request failed ({self.error})")
-        if not isinstance(event, _ACCEPTS[self.state]):
-            raise LocalProtocolError(f"{name} is not legal in state {self.state.name}")
+        try:
+            row = TRANSITIONS.get((self.state, type(event)))
+            if row is None:
+                raise LocalProtocolError(f"{name} is not legal in state {self.state.name}")
+            actions = self._dispatch(event)
+            outcome = self._outcome()
+            if outcome not in row:
+                raise LocalProtocolError(f"{name} in state {self.state.name} came out {outcome.name}, which "
+                                         "the transition table does not allow")
+        except Exception as exc:
+            self.error = f"{name} in state {self.state.name}: {exc}"
+            if self.finish_reason is None:  # an answer already complete keeps its reason
+                self.finish_reason = f"error: {self.error}"
+            self.state = RequestState.ERROR
+            raise
+        self.state = row[outcome]
+        return actions
+
+    def _dispatch(self, event: Event) -> list[Action]:
         if self.state is RequestState.DONE:
             return self._settle_late(event)
         match event:
@@ -148,6 +205,12 @@ class Scheduler:
                 return self._on_segment(event)
             case DraftReady(job=job):
                 return self._on_draft(job)
+            case DraftError(reason=reason):
+                self.drafting = False
+                return self._fail(f"the drafter failed: {reason}")
+            case StepTimedOut(seconds=seconds):
+                return self._fail(f"no progress for {seconds:.0f} s: a stage is stalled or too slow "
+                                  f"({self.describe_waiting()})")
             case StageLost(stage=stage, reason=reason):
                 return self._fail(f"stage {stage} lost: {reason}", lost_stage=stage)
             case StageError(stage=stage, code=code, reason=reason):
@@ -155,6 +218,16 @@ class Scheduler:
             case Cancelled():
                 return self._finish("cancelled", [])
         raise LocalProtocolError(f"unknown event {event!r}")  # pragma: no cover
+
+    def _outcome(self) -> Outcome:
+        if self.error is not None:
+            return Outcome.FAILED
+        return Outcome.FINISHED if self.finish_reason is not None else Outcome.GOING
+
+    @property
+    def _ended(self) -> bool:
+        """The answer is complete or the request failed (during a handler, before `handle` sets the state)."""
+        return self.finish_reason is not None
 
     # -- queries for the shell ---------------------------------------------------------------------------
     @property
@@ -205,7 +278,6 @@ class Scheduler:
         token = choose_token(logits, self.sampling, len(self.committed))  # type: ignore[arg-type]
         self.committed.append(token)
         self.lookup.extend((token,))
-        self.state = RequestState.DECODING
         actions: list[Action] = [EmitTokens((token,))]
         if reason := self._stop_reason(token):
             return self._finish(reason, actions)
@@ -213,24 +285,33 @@ class Scheduler:
         self.seq += 1  # the first verdict only names the first root, so stages know it is alive
         actions.append(BroadcastVerdict(self.seq, (), root.id, self.tree.watermark))
         self._look_up()
-        actions += self._start_draft(self._policy.on_round_start())
+        actions += self._start_draft(self._round_start())
         actions += self._fill()
         return actions
 
     def _on_segment(self, event: SegmentReturned) -> list[Action]:
-        self._settle_segment(event.step)
+        sent = self._settle_segment(event.step)
+        strays = set(event.ids).difference(sent)
+        if strays:
+            raise PeerProtocolError(f"segment {event.step} came back with rows {sorted(strays)[:8]} that it "
+                                    "never carried")
+        if event.logits.shape[0] != len(event.ids):
+            raise PeerProtocolError(f"segment {event.step} came back with {event.logits.shape[0]} rows of "
+                                    f"logits for {len(event.ids)} nodes")
         for row, node_id in enumerate(event.ids):
             self.tree.record_logits(node_id, event.logits[row])
         if not self._policy.ready_to_verify():
             return self._fill()
         actions = self._walk()
-        return actions if self.done else actions + self._fill()
+        return actions if self._ended else actions + self._fill()
 
     def _on_draft(self, job: DraftJob) -> list[Action]:
         self.drafting = False
         self.stats.drafts += 1
+        self.drafts_merged_in_round += 1
         self._merge(job)
-        return self._start_draft(self._policy.on_draft_merged()) + self._fill()
+        pending, self.expand_pending = self.expand_pending, False
+        return self._start_draft(self._policy.on_draft_merged(pending)) + self._fill()
 
     def _settle_late(self, event: Event) -> list[Action]:
         """After the finish nothing changes the output, but the ledger still checks what comes back."""
@@ -241,9 +322,13 @@ class Scheduler:
                 self.drafting = False
         return []
 
-    def _settle_segment(self, step: int) -> None:
-        if self.in_flight.pop(step, None) is None:
-            raise LocalProtocolError(f"segment {step} returned but was not in flight")
+    def _settle_segment(self, step: int) -> tuple[int, ...]:
+        """The node ids segment `step` carried; it is no longer in flight. A step that is not in flight came
+        from the last stage (a duplicate, or one it made up)."""
+        sent = self.in_flight.pop(step, None)
+        if sent is None:
+            raise PeerProtocolError(f"segment {step} came back but was not in flight")
+        return sent
 
     # -- verification: walk the tree while the target's next token is known --------------------------
     def _walk(self) -> list[Action]:
@@ -274,8 +359,7 @@ class Scheduler:
         actions.append(BroadcastVerdict(self.seq, tuple(commit), self.tree.root_id, self.tree.watermark))
         self.looked_up.intersection_update(self.tree.nodes)
         self._look_up()
-        policy = self._policy
-        decision = policy.on_round_start() if self.tree.fresh_round else policy.on_verified()
+        decision = self._round_start() if self.tree.fresh_round else self._policy.on_verified()
         return actions + self._start_draft(decision)
 
     def _stop_reason(self, token: int) -> str:
@@ -321,9 +405,17 @@ class Scheduler:
         )
 
     # -- drafting -------------------------------------------------------------------------------------
+    def _round_start(self) -> DraftDecision:
+        self.drafts_merged_in_round = 0
+        return self._policy.on_round_start()
+
     def _start_draft(self, decision: DraftDecision) -> list[Action]:
-        """Carry out a policy's draft decision: one job at a time, and none that could add nothing."""
-        if decision is None or self.drafting:
+        """Carry out a policy's draft decision: one job at a time, and none that could add nothing. A decision
+        that comes while a job runs is remembered: the policy is asked again once that job is merged."""
+        if decision is None:
+            return []
+        if self.drafting:
+            self.expand_pending = True
             return []
         job = job_for(decision, self.tree, tuple(self.committed[:-1]), self.budget, self.max_context)
         if job is None:
@@ -389,12 +481,10 @@ class Scheduler:
 
     # -- endings --------------------------------------------------------------------------------------
     def _finish(self, reason: str, actions: list[Action]) -> list[Action]:
-        self.state = RequestState.DONE
         self.finish_reason = reason
         return actions + [Finish(reason)]
 
     def _fail(self, reason: str, lost_stage: int | None = None) -> list[Action]:
-        self.state = RequestState.ERROR
         self.error = reason
         self.lost_stage = lost_stage
         self.finish_reason = f"error: {reason}"

@@ -14,7 +14,17 @@ from hypothesis import strategies as st
 from flowspec.errors import LocalProtocolError, PeerProtocolError
 from flowspec.sched.actions import EmitTokens, Finish, RunDraft, SendSegment
 from flowspec.sched.budget import Budget, Mode
-from flowspec.sched.events import Cancelled, DraftReady, Prefilled, SegmentReturned, StageError, StageLost
+from flowspec.sched.events import (
+    Cancelled,
+    DraftError,
+    DraftReady,
+    Event,
+    Prefilled,
+    SegmentReturned,
+    StageError,
+    StageLost,
+    StepTimedOut,
+)
 from flowspec.sched.growth import TreeGrowth
 from flowspec.sched.sampling import SamplingParams, choose_token, uniform, warped_probs
 from flowspec.sched.scheduler import RequestState, Scheduler
@@ -104,13 +114,65 @@ def test_stage_tree_refuses_out_of_order_and_unknown_commits() -> None:
 
 
 def test_scheduler_state_machine_refuses_illegal_events() -> None:
+    """An illegal event is our bug (LocalProtocolError) and, as in h11, leaves the request in ERROR for good:
+    every later event is refused naming the first reason."""
     sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=3)
     with pytest.raises(LocalProtocolError, match="not legal in state PREFILLING"):
         sched.handle(SegmentReturned(1, (), torch.zeros(0, 4)))
+    assert sched.state is RequestState.ERROR and sched.done
+    with pytest.raises(LocalProtocolError, match=r"not legal in state ERROR: .*SegmentReturned"):
+        sched.handle(Prefilled(torch.tensor([0.0, 0.0, 5.0, 0.0])))
+
+
+def test_a_segment_that_was_not_in_flight_is_the_stages_fault_and_sticks() -> None:
+    sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=3)
     sched.handle(Prefilled(torch.tensor([0.0, 0.0, 5.0, 0.0])))
     assert sched.state is RequestState.DECODING and sched.generated == [2]
-    with pytest.raises(LocalProtocolError, match="not in flight"):
+    with pytest.raises(PeerProtocolError, match="segment 99 came back but was not in flight"):
         sched.handle(SegmentReturned(99, (), torch.zeros(0, 4)))
+    assert sched.state is RequestState.ERROR and "not in flight" in (sched.error or "")
+    assert sched.finish_reason is not None and sched.finish_reason.startswith("error:")
+    with pytest.raises(LocalProtocolError, match="not legal in state ERROR"):
+        sched.handle(Cancelled())
+
+
+def test_a_segment_with_rows_it_never_carried_fails_the_request() -> None:
+    sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=3)
+    (send,) = [a for a in sched.handle(Prefilled(torch.tensor([0.0, 0.0, 5.0, 0.0]))) if isinstance(a, SendSegment)]
+    with pytest.raises(PeerProtocolError, match="never carried"):
+        sched.handle(SegmentReturned(send.step, (send.ids[0] + 7,), torch.zeros(1, 4)))
+    assert sched.state is RequestState.ERROR
+
+
+@pytest.mark.parametrize(("event", "reason"), [
+    (DraftError("RuntimeError('boom')"), "the drafter failed: RuntimeError('boom')"),
+    (StepTimedOut(30.0), "no progress for 30 s: a stage is stalled or too slow (segments in flight: [1]"),
+    (StageError(2, "compute", "out of memory"), "stage 2 reported compute: out of memory"),
+])
+def test_shell_failures_are_events_that_end_the_request(event: Event, reason: str) -> None:
+    """Each failure the shell sees is an event: the request goes to ERROR with a reason and a Finish action,
+    and no stage is named for replacement (only StageLost names one)."""
+    sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=3)
+    sched.handle(Prefilled(torch.tensor([0.0, 0.0, 5.0, 0.0])))
+    actions = sched.handle(event)
+    assert sched.state is RequestState.ERROR and sched.lost_stage is None
+    assert sched.error is not None and sched.error.startswith(reason)
+    assert actions == [Finish(f"error: {sched.error}")]
+
+
+def test_a_lost_stage_names_itself_for_the_shell_to_replace() -> None:
+    sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=3)
+    sched.handle(StageLost(3, "connection reset"))
+    assert sched.state is RequestState.ERROR and sched.lost_stage == 3
+
+
+def test_late_failures_after_the_answer_change_nothing() -> None:
+    sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=1)
+    sched.handle(Prefilled(torch.tensor([0.0, 0.0, 5.0, 0.0])))
+    assert sched.state is RequestState.DONE and sched.finish_reason == "length"
+    for late in (StepTimedOut(5.0), DraftError("x"), StageLost(1, "gone"), Cancelled()):
+        assert sched.handle(late) == [] and sched.state is RequestState.DONE
+    assert sched.error is None and sched.finish_reason == "length"
 
 
 @pytest.mark.parametrize("from_leaf", [False, True])
@@ -188,8 +250,11 @@ def test_cancel_finishes_a_live_request_and_late_events_change_nothing(prefilled
     if prefilled:  # the segment still in flight comes back late: settled in the ledger, not verified
         assert sched.handle(SegmentReturned(segment.step, segment.ids, _peaked(7, rows=1))) == []
         assert sched.generated == [4] and not sched.in_flight
-        with pytest.raises(LocalProtocolError, match="not in flight"):
+        assert sched.state is RequestState.DONE and sched.finish_reason == "cancelled" and sched.lost_stage is None
+        with pytest.raises(PeerProtocolError, match="not in flight"):  # the last stage sent it twice
             sched.handle(SegmentReturned(segment.step, segment.ids, _peaked(7, rows=1)))
+        assert sched.state is RequestState.ERROR and sched.finish_reason == "cancelled"  # the answer stands
+        return
     assert sched.state is RequestState.DONE and sched.finish_reason == "cancelled" and sched.lost_stage is None
 
 
@@ -252,3 +317,57 @@ def test_pop_best_keeps_long_shots_queued_below_the_floor() -> None:
     assert [n.token for n in tree.pop_best(4, floor)] == [1, 2, 4]
     assert tree.unsent_count() == 1 and abs(tree.reach(likely.id) - 0.9) < 1e-12
     assert [n.token for n in tree.pop_best(4, floor)] == [3]  # a segment's first node always goes
+
+
+def test_the_state_diagram_in_the_docs_is_generated_from_the_table() -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "scripts" / "make_state_diagram.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+_EVENTS = [
+    Prefilled(torch.tensor([0.0, 0.0, 5.0, 0.0])),
+    Prefilled(torch.tensor([0.0, 0.0, 0.0, 5.0])),  # eos
+    SegmentReturned(1, (), torch.zeros(0, 4)),
+    SegmentReturned(2, (), torch.zeros(0, 4)),
+    StageLost(1, "gone"), StageError(2, "compute", "oom"), DraftError("boom"), StepTimedOut(1.0), Cancelled(),
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(range(len(_EVENTS))), max_size=8))
+def test_every_state_change_is_one_the_table_allows(picks: list[int]) -> None:
+    """Whatever events arrive in whatever order, each handled one moves the request along an edge of
+    TRANSITIONS, and each refused one (an exception) leaves it in ERROR for good."""
+    from flowspec.sched.scheduler import TRANSITIONS
+
+    sched = Scheduler([1, 2], Budget(Mode.AR, 2), SamplingParams(), max_new_tokens=4, eos_ids=[3])
+    for pick in picks:
+        event, before = _EVENTS[pick], sched.state
+        try:
+            sched.handle(event)
+        except (LocalProtocolError, PeerProtocolError):
+            assert sched.state is RequestState.ERROR and sched.error
+            continue
+        assert sched.state in TRANSITIONS[(before, type(event))].values()
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_policies_keep_no_state_of_their_own(mode: Mode) -> None:
+    """Only the scheduler changes state: a policy holds its view and nothing else, through a whole request."""
+    from tests.sched.harness import FakeDrafter, run_job
+
+    budget = Budget(mode, 2, init_tokens=4, topk=2, depth=1, expand_tokens=2, expand_depth=1, segment=2)
+    sched = Scheduler([1, 2, 3], budget, SamplingParams(), max_new_tokens=6)
+    drafter, queue = FakeDrafter(agreement=1.0, sharp=True), list(sched.handle(Prefilled(_peaked(5))))
+    while queue and not sched.done:
+        action = queue.pop(0)
+        if isinstance(action, RunDraft):
+            run_job(drafter, action.job)
+            queue += sched.handle(DraftReady(action.job))
+        elif isinstance(action, SendSegment):
+            queue += sched.handle(SegmentReturned(action.step, action.ids, _peaked(5, rows=len(action.ids))))
+    assert sched.state is RequestState.DONE
+    policy = sched._policy
+    assert not hasattr(policy, "__dict__") or set(vars(policy)) == {"view"}
