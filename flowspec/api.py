@@ -13,9 +13,10 @@ Cancelling the consumer (or breaking out of the loop) cancels the request on eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,8 +24,9 @@ from typing import Any
 
 import torch
 
+from flowspec.compat import BaseExceptionGroup, add_note
 from flowspec.config import Peers, load_secret, read_peers
-from flowspec.errors import ConfigError
+from flowspec.errors import ConfigError, FlowSpecError, RequestCancelled
 from flowspec.model import Drafter
 from flowspec.model.precision import DEFAULT_GROUP_SIZE, resolve_device
 from flowspec.net import Timeouts, TlsConfig
@@ -217,14 +219,17 @@ class Cluster:
     async def stream_tokens(self, prompt: str | Sequence[int], request: Request = Request(),
                             result: GenerationResult | None = None,
                             chat: bool = True) -> AsyncGenerator[list[int], None]:
+        """Yield token ids as they are committed; `stream` and `generate` are built on it. Whatever fails
+        comes out as a FlowSpecError (see `_flowspec_errors`)."""
         await self._ensure_drafter(Mode.parse(request.mode))
         budget = self.budget(request)
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         # aclosing: a consumer that stops early (break, aclose) ends the request now, not when the GC finds it
-        async with aclosing(self.head.generate(self.encode(prompt, chat), budget, sampling,
-                                               request.max_new_tokens, self.eos_ids, result)) as tokens:
-            async for new in tokens:
-                yield new
+        with _flowspec_errors():
+            async with aclosing(self.head.generate(self.encode(prompt, chat), budget, sampling,
+                                                   request.max_new_tokens, self.eos_ids, result)) as tokens:
+                async for new in tokens:
+                    yield new
 
     async def stream(self, prompt: str | Sequence[int], request: Request | None = None,
                      result: GenerationResult | None = None, chat: bool = True,
@@ -253,6 +258,42 @@ class Cluster:
 
     def decode(self, tokens: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+
+@contextlib.contextmanager
+def _flowspec_errors() -> Iterator[None]:
+    """The library's one exception map: an error from inside a TaskGroup (the request driver's) comes out as
+    the FlowSpecError it is, not as an ExceptionGroup around it (see `_unwrap`)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        error = _unwrap(group)
+        if error is None:
+            raise
+        raise error from error.__cause__  # its own cause, not the group that carried it
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> FlowSpecError | None:
+    """The error a group stands for when every leaf is a FlowSpecError: the first one that is not a mere
+    cancellation (else the first), with the others as notes on it. None when any leaf is something else (a
+    bug, a KeyboardInterrupt), which must propagate as it is."""
+    leaves = list(_leaves(group))
+    if not all(isinstance(leaf, FlowSpecError) for leaf in leaves):
+        return None
+    errors = [leaf for leaf in leaves if isinstance(leaf, FlowSpecError)]
+    first = next((e for e in errors if not isinstance(e, RequestCancelled)), errors[0])
+    for other in errors:
+        if other is not first:
+            add_note(first, f"also: {type(other).__name__}: {other}")
+    return first
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def _eos_ids(folder: Path, tokenizer: Any, config_eos: Sequence[int]) -> tuple[int, ...]:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 if sys.version_info >= (3, 11):
     from asyncio import TaskGroup, timeout
+    from builtins import BaseExceptionGroup
 else:  # pragma: no cover - exercised on 3.10 only
     from async_timeout import timeout
+    from exceptiongroup import BaseExceptionGroup
     from taskgroup import TaskGroup
 
-__all__ = ["TaskGroup", "timeout"]
+__all__ = ["TIMEOUT_ERRORS", "BaseExceptionGroup", "TaskGroup", "add_note", "timeout"]
+
+# What an expired `timeout()` raises: the builtin TimeoutError on 3.11+, asyncio.TimeoutError on 3.10
+# (async_timeout), where it is another class. Catch this tuple, never TimeoutError alone.
+TIMEOUT_ERRORS: tuple[type[Exception], ...] = (TimeoutError, asyncio.TimeoutError)
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """`exc.add_note(note)` (3.11); on 3.10 the same `__notes__` list, which exceptiongroup's tracebacks show."""
+    vars(exc).setdefault("__notes__", []).append(note)

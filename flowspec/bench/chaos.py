@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flowspec.api import Cluster, Request
+from flowspec.compat import TIMEOUT_ERRORS
 from flowspec.errors import FlowSpecError
 from flowspec.net import Timeouts
 from flowspec.node.head import GenerationResult
@@ -274,7 +275,7 @@ class Chaos:
                 else:
                     outcome.result = "identical" if result.tokens == reference else "different"
                     outcome.recoveries, outcome.longest_stall_s = result.recoveries, stall
-        except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
+        except TIMEOUT_ERRORS:  # wait_for's, and _via_process's own
             outcome.result = "hung"
         finally:
             outcome.seconds = round(time.monotonic() - started, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import math
 import os
 import signal
 import socket
@@ -31,6 +32,8 @@ __all__ = ["add_serve_command"]
 
 log = structlog.get_logger("flowspec.serve")
 _DEFAULTS = Limits()
+SHUTDOWN_GRACE_S = 5.0  # most answers in flight end within seconds; a service manager's stop waits 90 s
+CLOSE_S = 5.0  # after the drain, for a client still taking its last bytes (aiohttp's shutdown_timeout)
 
 
 def add_serve_command(sub: Any) -> None:
@@ -43,6 +46,10 @@ the one head, each producing what it would alone; past --max-concurrent they get
 
 It binds loopback by default. Another --host needs --api-key (or $FLOWSPEC_API_KEY): /v1/* then asks for
 `Authorization: Bearer KEY`.
+
+SIGTERM or Ctrl-C drains: new requests get a 503, answers in flight get --shutdown-grace seconds to finish, and
+those still running then end with an error naming the shutdown (streams: an error event, then [DONE]); then the
+stages stop and the server exits. A second Ctrl-C (or SIGTERM) ends the answers at once.
 
 examples:
   flowspec serve --local --stages 3 --model smollm2-135m --draft self:layers=20
@@ -62,6 +69,9 @@ then, with the openai client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_k
                    help=f"the most max_tokens a request may ask for (default {_DEFAULTS.max_tokens})")
     p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes,
                    help=f"largest request body; larger gets a 413 (default {_DEFAULTS.max_body_bytes})")
+    p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long answers in flight may run on before they are ended "
+                        f"(default {SHUTDOWN_GRACE_S:g}; a second signal ends them at once)")
     add_precision_args(p)
     add_tls_args(p)
     add_budget_args(p)
@@ -99,7 +109,8 @@ async def _serve(args: argparse.Namespace) -> int:
                              max_concurrent=args.max_concurrent, limits=limits, budget=budget_overrides(args))
         from aiohttp import web
 
-        runner = web.AppRunner(Server(cluster, config).app(), handler_cancellation=True, access_log=None)
+        server = Server(cluster, config)
+        runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=CLOSE_S)
         await runner.setup()
         try:
             site = web.TCPSite(runner, args.host, args.port)
@@ -109,14 +120,27 @@ async def _serve(args: argparse.Namespace) -> int:
                   flush=True)
             log.info("serve.ready", host=args.host, port=args.port, model=args.model, mode=args.mode,
                      stages=cluster.head.num_stages, max_concurrent=args.max_concurrent)
-            stop = asyncio.Event()
+            stops = _Stops()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+                loop.add_signal_handler(sig, stops)
+            await stops.asked.wait()
+            print(f"flowspec serve: stopping (answers in flight get {args.shutdown_grace:g} s; Ctrl-C again to "
+                  "end them now)", flush=True)
+            await server.drain(args.shutdown_grace, stops.now)
         finally:
-            await runner.cleanup()  # cancels what is in flight: each request closes on every stage
+            await runner.cleanup()  # cancels what is still in flight: each request closes on every stage
     return 0
+
+
+class _Stops:
+    """SIGINT and SIGTERM while serving: the first asks for a drain, the next one ends it now."""
+
+    def __init__(self) -> None:
+        self.asked, self.now = asyncio.Event(), asyncio.Event()
+
+    def __call__(self) -> None:
+        (self.now if self.asked.is_set() else self.asked).set()
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -127,6 +151,8 @@ def serve_command(args: argparse.Namespace) -> int:
                           "requests at once)")
     if args.max_tokens < 1 or args.max_body_bytes < 1024:
         raise ConfigError("--max-tokens must be >= 1 and --max-body-bytes >= 1024")
+    if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
+        raise ConfigError(f"--shutdown-grace must be a number of seconds >= 0, not {args.shutdown_grace}")
     if args.log is None and not os.environ.get("FLOWSPEC_LOG"):
         configure_logging("info")  # the access log: one JSON line per HTTP request
     install_uvloop()  # one loop for the head and HTTP

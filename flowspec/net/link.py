@@ -23,7 +23,7 @@ from typing import Any, final
 
 import structlog
 
-from flowspec.compat import TaskGroup, timeout
+from flowspec.compat import TIMEOUT_ERRORS, TaskGroup, timeout
 from flowspec.errors import ConfigError, FlowSpecError, PeerProtocolError, StageFailed, StageTimeout
 from flowspec.net.framing import HEADER, FrameDecoder, check_length, decode_body, encode_frame
 from flowspec.net.handshake import Handshake, HandshakeState
@@ -41,8 +41,6 @@ _INBOX_MAX = 64  # messages parked for recv() before the reader stops reading (T
 _OUTBOX_MAX = 64  # delayed frames waiting for their delivery time before send() waits
 _CLOSE_GRACE = 1.0  # seconds to flush a last frame (a refuse) before the socket is dropped
 _MAX_PENDING = 64  # unauthenticated connections per server; a newcomer past this drops the oldest
-# what an expired `timeout()` raises: TimeoutError, and on 3.10 (async_timeout) asyncio's own TimeoutError
-_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
 _TLS_RECORD = b"\x16\x03"  # a TLS handshake record (content type 22, version 3.x): what a ClientHello starts with
 
 
@@ -68,7 +66,7 @@ def _io_errors(what: str) -> Iterator[None]:
         raise
     except asyncio.IncompleteReadError as exc:
         raise StageFailed(f"{what}: peer closed the connection") from exc
-    except _TIMEOUTS as exc:  # before OSError: TimeoutError is an OSError
+    except TIMEOUT_ERRORS as exc:  # before OSError: TimeoutError is an OSError
         raise StageTimeout(f"{what}: timed out") from exc
     except ssl.SSLError as exc:  # before OSError too: an SSLError is an OSError
         raise tls_error(what, exc) from exc
@@ -301,7 +299,7 @@ async def _read_hello(reader: asyncio.StreamReader, name: str, within: float) ->
     try:
         async with timeout(within):
             return await _read_frame(reader, HANDSHAKE_LIMITS)
-    except _TIMEOUTS as exc:
+    except TIMEOUT_ERRORS as exc:
         raise StageTimeout(f"handshake with {name}: no hello within {within:.3g} s of connecting") from exc
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from flowspec.compat import TaskGroup, timeout
+from flowspec.compat import TIMEOUT_ERRORS, TaskGroup, timeout
 from flowspec.errors import FlowSpecError, LocalProtocolError, StageFailed, StageTimeout
 from flowspec.net import Close, Message, Open, Prefill, Segment, Verdict
 from flowspec.node.backend import Backend, Work, WorkKind
@@ -132,7 +132,8 @@ class RequestDriver:
         """Carry out `actions` (a resumed scheduler's first ones), then drive the request to its end.
 
         Raises LinkLost when a stage was lost (the head may recover and resume), StageFailed when a stage
-        failed the request, StageTimeout when nothing moved for `step_timeout`.
+        failed the request; StageTimeout when nothing moved for `step_timeout`, and what else goes wrong while
+        the request runs, come out of the TaskGroup inside an ExceptionGroup (flowspec.api unwraps it).
         """
         sched = self.sched
         try:
@@ -220,7 +221,7 @@ class RequestDriver:
         try:
             async with timeout(self.step_timeout):
                 item = await self.inbox.items.get()
-        except TimeoutError:
+        except TIMEOUT_ERRORS:
             raise StageTimeout(f"no progress for {self.step_timeout:.0f} s: a stage is stalled or too slow "
                                f"({sched.describe_waiting()})") from None
         if isinstance(item, DraftFailed):
@@ -308,7 +309,7 @@ class RequestDriver:
                 try:
                     async with timeout(STATS_WAIT_S):
                         await self.inbox.stats_done.wait()
-                except TimeoutError:
+                except TIMEOUT_ERRORS:
                     pass
         finally:
             self.result.busy = dict(self.inbox.stats)

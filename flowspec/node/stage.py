@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 import torch
 
-from flowspec.compat import TaskGroup, timeout
+from flowspec.compat import TIMEOUT_ERRORS, TaskGroup, timeout
 from flowspec.errors import FlowSpecError, PeerProtocolError
 from flowspec.model import KVCache, StageModel
 from flowspec.net import (
@@ -374,7 +374,7 @@ class StageNode:
         try:
             async with timeout(5.0):
                 await self._served.wait()
-        except TimeoutError:
+        except TIMEOUT_ERRORS:
             self.log.warning("node.close_timeout", links=len(self._groups))
         if self._next is not None:
             await self._next.close()

@@ -12,6 +12,9 @@ Requests run concurrently through the one head (each with its own scheduler and 
 segments interleave on the stages) up to `max_concurrent`; one more is answered 429 with Retry-After at once.
 A client that goes away cancels its request, which closes it on every stage. With an API key, /v1/* requires
 `Authorization: Bearer KEY` (compared in constant time); /, /health and /metrics stay open, as in vLLM.
+
+`Server.drain` shuts down gently: every new request gets a 503, those in flight get a grace period, and the rest
+are then ended, each with an error naming the shutdown (a stream: an error event, then `data: [DONE]`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -46,6 +49,8 @@ Emit = Callable[[str, list[int]], Awaitable[None]]
 
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait: answers take seconds, a place frees up often
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -63,12 +68,14 @@ class Server:
         self.running = 0
         self.metrics = ServeMetrics(cluster.head, config.model, lambda: self.running)
         self.last: dict[str, Any] | None = None  # the last answer's statistics
+        self.draining = False  # shutting down: new requests get a 503
+        self._generations: set[asyncio.Task[Any]] = set()  # those in flight, which a drain may end
         self.created = int(time.time())
         self._page = importlib.resources.files("flowspec.serve").joinpath("static/index.html").read_bytes()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.limits.max_body_bytes,
-                              middlewares=[self._access_log, self._errors, self._auth])
+                              middlewares=[self._access_log, self._errors, self._refuse_draining, self._auth])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
@@ -106,6 +113,12 @@ class Server:
             self.metrics.reject(error.status)
         headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
         return web.json_response(error.body(), status=error.status, headers=headers)
+
+    @web.middleware
+    async def _refuse_draining(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.draining:
+            raise _shutting_down()
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -191,6 +204,8 @@ class Server:
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:
+        if self.draining:  # it came in before the drain began, and has only now read its body
+            raise _shutting_down()
         if self.running >= self.config.max_concurrent:
             raise ApiError(429, f"{self.running} requests are being answered, the most this server takes at once; "
                            f"try again in {RETRY_AFTER_S} s", type="requests", code="rate_limit_exceeded")
@@ -205,9 +220,9 @@ class Server:
             pass
 
         try:
-            done, text = await self._generate(gen, prompt, keep)
+            done, text = await self._endable(self._generate(gen, prompt, keep))
         except FlowSpecError as exc:
-            raise ApiError(503, f"the pipeline failed: {exc}", type="server_error", code="pipeline_error") from exc
+            raise _pipeline_failed(exc) from exc
         body = kind.whole(rid, self.created_now(), self.config.model, text.text, done.finish_reason)
         body["usage"] = _usage(done)
         return web.json_response(body)
@@ -240,10 +255,11 @@ class Server:
             if opening is not None:
                 await send(opening)
             try:
-                done, _ = await self._generate(gen, prompt, emit)
+                done, _ = await self._endable(self._generate(gen, prompt, emit))
             except FlowSpecError as exc:
-                await send(ApiError(503, f"the pipeline failed: {exc}", type="server_error",
-                                    code="pipeline_error").body())
+                await send(_pipeline_failed(exc).body())
+            except ApiError as exc:  # the server is shutting down
+                await send(exc.body())
             else:
                 final = kind.chunk(rid, created, model, "", done.finish_reason)
                 if gen.stats:
@@ -257,6 +273,43 @@ class Server:
         except ConnectionError:  # the client went away (aiohttp cancels the handler first, when it can)
             pass
         return response
+
+    async def _endable(self, work: Awaitable[T]) -> T:
+        """Await `work` (a generation) as a task a drain may end: ApiError 503 (shutting down) then. A handler
+        cancelled meanwhile (its client went away) cancels the task and waits for its close on every stage."""
+        task = asyncio.ensure_future(work)
+        self._generations.add(task)
+        task.add_done_callback(self._generations.discard)
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait([task])
+            raise
+        if task.cancelled():  # only a drain cancels it
+            raise _shutting_down("it ended this answer before it was finished")
+        return task.result()
+
+    async def drain(self, grace: float, now: asyncio.Event) -> None:
+        """Shut down gently: from now on every new request gets a 503; the generations in flight get `grace`
+        seconds to finish (less if `now` is set meanwhile: a second Ctrl-C), then the rest are ended, each
+        answered with an error naming the shutdown once its request is closed on every stage."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        log.info("serve.draining", running=len(self._generations), grace_s=grace)
+        deadline = loop.time() + grace
+        hurry = asyncio.ensure_future(now.wait())
+        try:
+            while self._generations and not hurry.done() and (left := deadline - loop.time()) > 0:
+                await asyncio.wait([*self._generations, hurry], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+        ended = list(self._generations)
+        for task in ended:
+            task.cancel()
+        if ended:
+            await asyncio.wait(ended)
+        log.info("serve.drained", ended=len(ended))
 
     async def _generate(self, gen: Generation, prompt: list[int], emit: Emit) -> tuple[Finished, TextStream]:
         """Generate, handing each newly shown text to `emit`; stop at a stop string. The metrics and `last`
@@ -317,6 +370,14 @@ async def _json(request: web.Request, limit: int) -> object:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def _pipeline_failed(exc: FlowSpecError) -> ApiError:
+    return ApiError(503, f"the pipeline failed: {exc}", type="server_error", code="pipeline_error")
+
+
+def _shutting_down(what: str = "it takes no new requests") -> ApiError:
+    return ApiError(503, f"the server is shutting down: {what}", type="server_error", code="server_shutdown")
 
 
 def _http_error(exc: web.HTTPException, limits: Limits) -> ApiError:

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ DRAFT = "self:layers=20"
 MAX_CONCURRENT = 4
 MAX_BODY = 65536
 STAGES = 2
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -99,16 +100,17 @@ def _stage_logs(pid: int) -> dict[int, Path]:
     return logs
 
 
-def start_server(tmp: Path, *extra: str) -> LiveServer:
+def start_server(tmp: Path, *extra: str, launcher: Sequence[str] = ("-m", "flowspec")) -> LiveServer:
+    """`launcher`: what runs the command (tests/short_step.py gives its head a short step timeout)."""
     require_model(SMOL)
     port = free_ports(1)[0]
     log = tmp / "serve.log"
     env = dict(os.environ, FLOWSPEC_LOG="info")  # the stages log request.open / request.closed
-    cmd = [sys.executable, "-m", "flowspec", "serve", "--local", "--stages", str(STAGES), "--model", SMOL,
+    cmd = [sys.executable, *launcher, "serve", "--local", "--stages", str(STAGES), "--model", SMOL,
            "--draft", DRAFT, "--port", str(port), "--api-key", API_KEY, "--max-concurrent", str(MAX_CONCURRENT),
            "--max-body-bytes", str(MAX_BODY), *extra]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
     server = LiveServer(proc, port, log)
     deadline = time.monotonic() + 240
     while True:

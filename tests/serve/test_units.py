@@ -1,6 +1,9 @@
-"""The serve room without a pipeline: request validation, the text stream, binding rules."""
+"""The serve room without a pipeline: request validation, the text stream, binding and shutdown flags."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +94,12 @@ def test_a_non_loopback_host_needs_an_api_key() -> None:
         check_bind("0.0.0.0", None)
     with pytest.raises(ConfigError, match="empty"):
         check_bind("127.0.0.1", " ")
+
+
+@pytest.mark.parametrize("grace", ["-1", "nan", "inf"])
+def test_a_bad_shutdown_grace_is_one_error_line(grace: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "flowspec", "serve", "--local", "--shutdown-grace", grace],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    assert out.stderr.strip().splitlines() == [
+        f"flowspec serve: error: --shutdown-grace must be a number of seconds >= 0, not {float(grace)}"], out.stderr
