@@ -16,8 +16,8 @@ from typing import Protocol
 
 import torch
 
-from flowspec.compat import TIMEOUT_ERRORS, TaskGroup, timeout
-from flowspec.errors import FlowSpecError, LocalProtocolError, StageFailed, StageTimeout
+from flowspec.compat import TIMEOUT_ERRORS, TaskGroup, shielded, timeout
+from flowspec.errors import LocalProtocolError, ModelError, StageFailed, StageTimeout
 from flowspec.net import Close, Message, Open, Prefill, Segment, Verdict
 from flowspec.node.backend import Backend, Work, WorkKind
 from flowspec.node.links import DraftFailed, LinkLost, StageLinks
@@ -26,6 +26,7 @@ from flowspec.sched import (
     BroadcastVerdict,
     Cancelled,
     DecodeStats,
+    DraftError,
     DraftJob,
     DraftReady,
     EmitTokens,
@@ -39,6 +40,7 @@ from flowspec.sched import (
     SendSegment,
     StageError,
     StageLost,
+    StepTimedOut,
 )
 
 __all__ = ["DraftStateLike", "DrafterLike", "GenerationResult", "LMHeadLike", "RequestDriver"]
@@ -126,14 +128,18 @@ class RequestDriver:
         self.req, self.inbox = links.open_inbox()
         self._jobs: TaskGroup | None = None
         self._drafts: set[asyncio.Task[None]] = set()  # running draft jobs (owned by `_jobs`)
-        self._lost: StageLost | None = None  # the loss that ended this try, when one did
+        self._failure: Event | None = None  # the event that moved the scheduler to ERROR, when one did
+        self._draft_error: BaseException | None = None  # what a failed draft job raised
 
     async def run(self, actions: list[Action], emit: Callable[[list[int]], Awaitable[None] | None]) -> None:
         """Carry out `actions` (a resumed scheduler's first ones), then drive the request to its end.
 
-        Raises LinkLost when a stage was lost (the head may recover and resume), StageFailed when a stage
-        failed the request; StageTimeout when nothing moved for `step_timeout`, and what else goes wrong while
-        the request runs, come out of the TaskGroup inside an ExceptionGroup (flowspec.api unwraps it).
+        Every failure the shell sees is an event the scheduler consumes; once it is in ERROR this raises what
+        that failure means for the caller (`_failure_error`): LinkLost when a stage was lost (the head may
+        recover and resume), StageTimeout when nothing moved for `step_timeout`, ModelError when the drafter
+        failed, StageFailed when a stage failed the request. A stage's frame that contradicts the scheduler's
+        ledger (PeerProtocolError) and bugs come out of the TaskGroup inside an ExceptionGroup (flowspec.api
+        unwraps it).
         """
         sched = self.sched
         try:
@@ -154,16 +160,29 @@ class RequestDriver:
                 sched.handle(Cancelled())
             raise
         finally:
-            await _shielded(self._close())
-        if sched.state is RequestState.ERROR:
-            if self._lost is not None:
-                raise LinkLost(self._lost.stage, self._lost.reason)
-            raise StageFailed(f"request failed: {sched.error}")
+            await shielded(self._close())
+        if sched.state is RequestState.ERROR and self._failure is not None:
+            raise self._failure_error(self._failure)
 
     def _handle(self, event: Event) -> list[Action]:
-        if isinstance(event, StageLost) and not self.sched.done:
-            self._lost = event
-        return self.sched.handle(event)
+        sched = self.sched
+        actions = sched.handle(event)
+        if sched.state is RequestState.ERROR and self._failure is None:
+            self._failure = event
+        return actions
+
+    def _failure_error(self, failure: Event) -> Exception:
+        reason = self.sched.error or "failed"
+        match failure:
+            case StageLost(stage=stage, reason=lost):
+                return LinkLost(stage, lost)
+            case StepTimedOut():
+                return StageTimeout(reason)
+            case DraftError():
+                error = ModelError(reason)
+                error.__cause__ = self._draft_error
+                return error
+        return StageFailed(f"request failed: {reason}")
 
     async def _start(self, actions: list[Action]) -> list[Action]:
         """Open the request on every stage and send the prefill; a lost stage becomes the scheduler's event."""
@@ -222,10 +241,10 @@ class RequestDriver:
             async with timeout(self.step_timeout):
                 item = await self.inbox.items.get()
         except TIMEOUT_ERRORS:
-            raise StageTimeout(f"no progress for {self.step_timeout:.0f} s: a stage is stalled or too slow "
-                               f"({sched.describe_waiting()})") from None
+            return StepTimedOut(self.step_timeout)
         if isinstance(item, DraftFailed):
-            raise FlowSpecError(f"the drafter failed: {item.error!r}") from item.error
+            self._draft_error = item.error
+            return DraftError(repr(item.error))
         return await self._to_event(item)
 
     async def _to_event(self, item: Message | Event) -> Event | None:
@@ -318,20 +337,6 @@ class RequestDriver:
             self.result.stats = self.sched.stats
             self.result.bytes_sent += self.inbox.bytes_sent
             self.links.close_inbox(self.req)
-
-
-async def _shielded(cleanup: Awaitable[None]) -> None:
-    """Run `cleanup` to its end even if this task is cancelled meanwhile; then re-raise that cancellation."""
-    task = asyncio.ensure_future(cleanup)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    task.result()
 
 
 def _ids(values: Sequence[int]) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from flowspec.compat import shielded
 from flowspec.errors import LocalProtocolError, RequestRejected
 from flowspec.node.backend import Backend
 from flowspec.node.driver import DrafterLike, DraftStateLike, GenerationResult, LMHeadLike, RequestDriver
@@ -192,5 +193,9 @@ class HeadNode:
                 raise item.error
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])  # the driver's close on every stage runs to its end
+            await shielded(_ended(task))  # the driver's close on every stage runs to its end, cancel or not
+
+
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Wait for `task` to end, however it ends (its outcome went through the queue)."""
+    await asyncio.wait([task])
