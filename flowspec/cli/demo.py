@@ -53,13 +53,16 @@ def add_demo_command(sub: Any) -> None:
     p.set_defaults(handler=demo_command)
 
 
-def _ensure_pulled(names: list[str], cache_dir: str | None) -> None:
-    from flowspec.store import list_models
+def _ensure_pulled(model: str, draft: str | None, cache_dir: str | None) -> None:
+    """Pull the model and a draft that is another registered model, unless installed (paths are not pulled)."""
+    from flowspec.store import DraftSpec, list_models
     from flowspec.store.pull import pull
 
+    spec = DraftSpec.parse(draft) if draft else None
+    names = [model] + ([spec.model] if spec is not None and spec.kind == "model" else [])
     have = {str(m["name"]) for m in list_models(cache_dir)}
     for name in names:
-        if name not in have and not name.startswith(("self", "random", "/", ".")):
+        if name not in have and not name.startswith(("/", ".")):
             print(f"pulling {name} (once) ...", file=sys.stderr)
             pull(name, cache_dir)
 
@@ -68,7 +71,7 @@ async def _demo(args: argparse.Namespace) -> int:
     from flowspec.api import default_draft
 
     draft = args.draft or default_draft(args.model)
-    _ensure_pulled([args.model] + ([draft] if draft else []), args.cache_dir)
+    _ensure_pulled(args.model, draft, args.cache_dir)
     print(f"starting {args.stages} local stages of {args.model} (draft {draft}) ...", file=sys.stderr)
     async with await Cluster.start_local(args.model, args.stages, draft=draft, cache_dir=args.cache_dir,
                                          **formats(args)) as c:
