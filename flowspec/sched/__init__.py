@@ -5,6 +5,7 @@ from flowspec.sched.budget import Budget, Mode
 from flowspec.sched.costs import CostModel, Line, choose_budget
 from flowspec.sched.events import Cancelled, DraftReady, Event, Prefilled, SegmentReturned, StageError, StageLost
 from flowspec.sched.growth import Candidate, DraftJob, ExpandRequest, LayerGrowth, TreeGrowth
+from flowspec.sched.policies import largest_segment
 from flowspec.sched.sampling import SamplingParams, choose_token
 from flowspec.sched.scheduler import DecodeStats, RequestState, Scheduler
 from flowspec.sched.stage import Admission, Compaction, StageTree
@@ -15,5 +16,5 @@ __all__ = [
     "CostModel", "DecodeStats", "DraftJob", "DraftReady", "DraftTree", "EmitTokens", "Event", "ExpandRequest", "Finish",
     "LayerGrowth", "Line", "Mode", "Node", "NodeState", "Prefilled", "RequestState", "RunDraft", "SamplingParams",
     "Scheduler", "SegmentReturned", "SendSegment", "StageError", "StageLost", "StageTree", "TreeGrowth",
-    "choose_budget", "choose_token",
+    "choose_budget", "choose_token", "largest_segment",
 ]
