@@ -106,7 +106,7 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _emulated(args: argparse.Namespace, draft: str | None) -> bool:
     """ar, pipedec and flowspec on the prompt, on the emulated testbed; print them side by side. Returns
     whether the three outputs were identical."""
-    from flowspec.bench.command import bench_args, run_bench
+    from flowspec.bench.command import BenchPlan, bench_args, run_bench
 
     # the prompt as a Spec-Bench file, so that `flowspec bench --prompts OUT/prompt ...` reruns exactly this
     prompts = Path(args.out) / "prompt"
@@ -121,7 +121,7 @@ async def _emulated(args: argparse.Namespace, draft: str | None) -> bool:
     print(f"\n=== emulated {args.profile}: {', '.join(EMULATED_MODES)} on the same prompt "
           f"({args.emulated_tokens} tokens each) ===", flush=True)
     start = time.monotonic()
-    results = await run_bench(bench_args(argv), list(EMULATED_MODES))
+    results = await run_bench(BenchPlan.from_args(bench_args(argv)))
     took = time.monotonic() - start
     print(_side_by_side(results, args.out))
     print(f"(the emulated part took {took / 60:.1f} min of wall time; all numbers in {args.out}/results.md; "

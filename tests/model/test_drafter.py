@@ -198,3 +198,16 @@ def test_draft_spec_refuses_what_is_no_draft(text: str) -> None:
     with pytest.raises(ConfigError, match=r"use self, self:layers=N, random, or a model name/path"):
         DraftSpec.parse(text)
 
+
+def test_the_bench_assistant_and_the_drafter_read_a_spec_alike(tiny_llama: Path) -> None:
+    """hf-assisted's assistant (transformers) and flowspec's drafter are the same model for the same spec."""
+    from flowspec.bench.command import _hf_assistant
+
+    for text, layers in (("self", 5), ("self:layers=2", 2)):
+        spec = DraftSpec.parse(text)
+        assistant = _hf_assistant(spec, str(tiny_llama), None)
+        drafter = make_drafter(spec, tiny_llama)
+        assert len(assistant.model.layers) == assistant.config.num_hidden_layers == layers
+        assert len(drafter.model.layers) == layers and drafter.name == text
+    with pytest.raises(ConfigError, match="hf-assisted"):
+        _hf_assistant(DraftSpec.parse("random"), str(tiny_llama), None)
