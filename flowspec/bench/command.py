@@ -25,7 +25,6 @@ from flowspec.bench.report import (
     summarize,
     summary_line,
 )
-from flowspec.errors import ConfigError
 
 if TYPE_CHECKING:
     from flowspec.api import Cluster
@@ -413,9 +412,7 @@ def _hf_assistant(draft: DraftSpec, target: str, cache_dir: str | None) -> Any:
     """transformers' model for `draft`: the same model flowspec's drafter is (store.make_drafter)."""
     from flowspec.store import load_hf_reference
 
-    if draft.kind == "random":
-        raise ConfigError("hf-assisted cannot use the random draft (it has no transformers model): give self, "
-                          "self:layers=N or a model")
+    assert draft.kind != "random", "BenchPlan refuses hf-assisted with the random draft"
     if draft.kind == "model":
         return load_hf_reference(draft.model, cache_dir)
     model = load_hf_reference(target, cache_dir)

@@ -84,12 +84,16 @@ class BenchPlan:
         needs_draft = any(m not in ("ar", "hf") for m in modes)
         if needs_draft and draft is None:
             raise ConfigError(f"modes {list(modes)} need a draft: pass --draft")
+        spec = DraftSpec.parse(draft) if needs_draft and draft else None
+        if spec is not None and spec.kind == "random" and "hf-assisted" in modes:
+            raise ConfigError("hf-assisted cannot use the random draft (it has no transformers model): give self, "
+                              "self:layers=N or a model")
         if args.link and not args.profile:
             raise ConfigError("--link shapes the emulated testbed's links: give a --profile too")
         device = str(resolve_device(args.device))
         return cls(
             modes=modes, model=args.model, draft_arg=args.draft,
-            draft=DraftSpec.parse(draft) if needs_draft and draft else None, stages=args.stages,
+            draft=spec, stages=args.stages,
             layers=_layers(args.layers), profile_arg=args.profile,
             profile=load_profile(args.profile) if args.profile else None, link_arg=args.link,
             link=LinkShape.parse(args.link) if args.link else None, dilation=args.dilation, margin=args.margin,

@@ -92,6 +92,7 @@ def test_the_plan_parses_the_run_once_and_leaves_the_namespace_as_parsed(prompts
     (["--modes", "ar,nope"], "unknown mode"), (["--dilation", "0"], "--dilation must be > 0"),
     (["--concurrency", "1,x"], "--concurrency takes whole numbers"), (["--concurrency", "0"], "levels must be >= 1"),
     (["--modes", "ar,hf", "--concurrency", "2"], "drop hf/hf-assisted"), (["--layers", "8,x"], "--layers takes"),
+    (["--modes", "hf-assisted", "--draft", "random"], "hf-assisted cannot use the random draft"),
     (["--link", "gbe"], "give a --profile too"), (["--profile", "no-such-device"], "unknown device profile"),
 ])
 def test_bad_arguments_are_refused_before_anything_loads(prompts: Path, argv: list[str], message: str) -> None:

@@ -209,5 +209,3 @@ def test_the_bench_assistant_and_the_drafter_read_a_spec_alike(tiny_llama: Path)
         drafter = make_drafter(spec, tiny_llama)
         assert len(assistant.model.layers) == assistant.config.num_hidden_layers == layers
         assert len(drafter.model.layers) == layers and drafter.name == text
-    with pytest.raises(ConfigError, match="hf-assisted"):
-        _hf_assistant(DraftSpec.parse("random"), str(tiny_llama), None)
