@@ -179,6 +179,8 @@ class Testbed:
     """What a run runs on: the deployment, the time dilation D it runs at (given, or calibrated), the cluster of
     stage processes (None when only the references run) and the transformers references."""
 
+    __test__ = False  # not a pytest test class, whatever imports it
+
     plan: BenchPlan
     dep: Deployment
     dilation: float
