@@ -8,11 +8,14 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flowspec.bench.plan import BenchPlan
 from flowspec.bench.report import (
-    PIPELINE_MODES,
     REFERENCE_MODES,
     concurrency_markdown,
     markdown,
@@ -22,13 +25,18 @@ from flowspec.bench.report import (
     summarize,
     summary_line,
 )
-from flowspec.errors import ConfigError
 
 if TYPE_CHECKING:
-    from flowspec.bench.profiles import Profile
+    from flowspec.api import Cluster
+    from flowspec.bench.calibrate import Calibration
+    from flowspec.bench.testbed import EmulatedBackend
+    from flowspec.model.drafter import Drafter
+    from flowspec.node.build import Deployment
+    from flowspec.prompts import Prompt
     from flowspec.sched import Budget
+    from flowspec.store import DraftSpec
 
-__all__ = ["add_bench_command", "bench_args", "bench_command", "run_bench"]
+__all__ = ["BenchPlan", "Testbed", "add_bench_command", "bench_args", "bench_command", "run_bench", "testbed"]
 
 
 def add_bench_command(sub: Any) -> None:
@@ -86,228 +94,236 @@ def bench_args(argv: list[str]) -> argparse.Namespace:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in PIPELINE_MODES + REFERENCE_MODES]
-    if bad or not modes:
-        raise ConfigError(f"unknown mode(s) {bad}: choose from {', '.join(PIPELINE_MODES + REFERENCE_MODES)}")
-    if args.stages < 1:
-        raise ConfigError("--stages must be >= 1")
-    if args.dilation is not None and args.dilation <= 0:
-        raise ConfigError("--dilation must be > 0")
-    if args.concurrency:
-        _levels(args.concurrency)  # a bad value fails before anything starts
-        if any(m in REFERENCE_MODES for m in modes):
-            raise ConfigError("--concurrency runs the pipeline modes only; drop hf/hf-assisted from --modes")
-    results = asyncio.run(run_bench(args, modes))
-    if args.concurrency:
-        print(f"identical to solo outputs: {results['identical_outputs']}; wrote {args.out}/concurrency.json, "
+    plan = BenchPlan.from_args(args)
+    results = asyncio.run(run_bench(plan))
+    if plan.concurrency:
+        print(f"identical to solo outputs: {results['identical_outputs']}; wrote {plan.out}/concurrency.json, "
               "concurrency.md", file=sys.stderr)
         return 0 if results["identical_outputs"] else 1
     for mode, m in results["modes"].items():
         print(f"{mode:>12}: {summary_line(m)}", file=sys.stderr)
-    print(f"identical outputs: {results['identical_outputs']}; wrote {args.out}/results.json, results.md",
+    print(f"identical outputs: {results['identical_outputs']}; wrote {plan.out}/results.json, results.md",
           file=sys.stderr)
     return 0 if results["identical_outputs"] else 1
 
 
 # -- the run -------------------------------------------------------------------------------------------------
-async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
-    """Run `modes` on the prompts of args.prompts; write args.out's reports; return the results."""
+async def run_bench(plan: BenchPlan) -> dict[str, Any]:
+    """Run the plan's modes on its prompts, each prompt through every mode in turn; write the reports into
+    plan.out and return the results (the concurrency sweep's with plan.concurrency)."""
     import torch
-    from tqdm import tqdm
 
-    from flowspec.api import Cluster, Request, default_draft
-    from flowspec.bench.node import emulation_args
-    from flowspec.bench.profiles import load_profile
-    from flowspec.bench.shaping import LinkShape
-    from flowspec.bench.testbed import EmulatedBackend
-    from flowspec.bench.timeline import idle_after_verdicts, plot_timeline
-    from flowspec.cli.options import budget_overrides, formats, result_row
-    from flowspec.model.precision import Precision, resolve_device
-    from flowspec.net import Timeouts
-    from flowspec.node.build import deployment
-    from flowspec.node.head import GenerationResult
-    from flowspec.node.local import LocalCluster
-    from flowspec.prompts import read_prompt_dir
-    from flowspec.store import make_drafter
-
-    torch.set_num_threads(max(1, args.threads))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompt_dir(args.prompts, args.per_task)
-    pipeline = [m for m in modes if m in PIPELINE_MODES]
-    refs = [m for m in modes if m in REFERENCE_MODES]
-    overrides = budget_overrides(args)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    draft = args.draft or default_draft(args.model)
-    needs_draft = any(m not in ("ar", "hf") for m in modes)
-    if needs_draft and draft is None:
-        raise ConfigError(f"modes {modes} need a draft: pass --draft")
-    if args.link and not args.profile:
-        raise ConfigError("--link shapes the emulated testbed's links: give a --profile too")
-    profile = load_profile(args.profile) if args.profile else None
-    link = LinkShape.parse(args.link) if args.link else None
-    device = str(resolve_device(args.device))  # the whole testbed runs on this machine
-    precision = Precision.parse(args.dtype, args.quant, args.group_size, torch.device(device))
-    dep = deployment(args.model, args.stages, layers, args.cache_dir, precision)
-    real_drafter = (make_drafter(draft, args.model, args.cache_dir, precision=precision, device=device)
-                    if needs_draft and draft else None)
-
-    calibration = None
-    dilation = args.dilation if args.dilation is not None else 1.0
-    if profile is not None and args.dilation is None:
-        from flowspec.bench.calibrate import calibrate
-
-        rows = _segment_rows(pipeline, args.stages, profile, overrides)
-        beam = _budget("flowspec", args.stages, profile, overrides).topk
-        width = _budget("pipedec", args.stages, profile, overrides).width if "pipedec" in pipeline else 1
-        calibration = calibrate(profile, dep, real_drafter, segment_rows=rows, beam=beam,
-                                draft_rows=max(beam, width), margin=args.margin)
-        dilation = calibration.dilation
-        print(f"calibrated D = {dilation} (binding: {calibration.binding}, ratios "
-              f"{ {k: round(v, 2) for k, v in calibration.ratios.items()} })", file=sys.stderr)
-    args.dilation = dilation
-
-    ms_per_s = 1e3 / dilation if profile is not None else 1e3  # emulated ms (real / D) when emulated
-    stats_tpl = str(out / "stage-{index}.stats.jsonl")
-    for k in range(1, args.stages + 1):
-        Path(stats_tpl.format(index=k)).unlink(missing_ok=True)
-    rows_out: list[dict[str, Any]] = []
-    ran: dict[str, Budget] = {}  # mode -> the budget the runtime chose
-    costs = None  # the cost lines the runtime measured at start-up
-    first: dict[str, dict[str, Any]] = {}  # mode -> timeline data of the first prompt
-    stats_pos = {k: 0 for k in range(1, args.stages + 1)}
-    hf = _HFRefs(args, draft, refs) if refs else None
-    if pipeline:
-        # heartbeats ride the dilated, shaped links: give them room in proportion to D
-        beat = 5.0 + 2.0 * dilation
-        node_args = ["--heartbeat-timeout", str(beat), "--device", device, "--dtype", args.dtype, "--quant",
-                     args.quant, "--group-size", str(args.group_size)]
-        module = "flowspec.cli.node"
-        head_backend = None
-        if profile is not None:
-            module = "flowspec.bench.node"
-            node_args += [*emulation_args(args), "--stats-file", stats_tpl]
-            head_backend = EmulatedBackend(profile, dilation, num_stages=args.stages, link=link, name="head")
-        local = LocalCluster(args.model, args.stages, layers, args.cache_dir, extra_args=node_args, module=module)
-        try:
-            await local.start()
-            async with await Cluster.connect(local.peers, model=args.model, draft=real_drafter,
-                                             cache_dir=args.cache_dir, timeouts=Timeouts(heartbeat_timeout=beat),
-                                             step_timeout=_step_timeout(prompts, profile, dilation, args.stages),
-                                             backend=head_backend,
-                                             **{**formats(args), "device": device}) as cluster:
-                if args.concurrency:
-                    levels = _levels(args.concurrency)
-                    sweep = await _concurrency_sweep(cluster, pipeline, prompts, levels, args, overrides, dilation,
-                                                     profile is not None)
-                    (out / "concurrency.json").write_text(json.dumps(sweep, indent=1))
-                    (out / "concurrency.md").write_text(concurrency_markdown(sweep))
-                    return sweep
-                # what the runtime chose from the costs it measured at start-up: that is what ran
-                ran = {m: cluster.budget(Request(m, args.max_new_tokens, 0.0, 1.0, 0, overrides))
-                       for m in pipeline if m != "ar"}
-                costs = cluster.head.cost_model()
-                bar = tqdm(total=len(prompts) * len(modes), desc="bench", unit="run", disable=args.no_progress,
-                           file=sys.stderr)
-                for p_index, prompt in enumerate(prompts):
-                    for mode in modes:
-                        bar.set_postfix_str(f"{prompt.source}/{prompt.id} {mode}")
-                        if mode in REFERENCE_MODES:
-                            assert hf is not None
-                            row = hf.run(mode, prompt.text)
-                            row.update(id=prompt.id, source=prompt.source, mode=mode)
-                            rows_out.append(row)
-                            bar.update(1)
-                            continue
-                        request = Request(mode, args.max_new_tokens, 0.0, 1.0, 0, overrides)
-                        result = GenerationResult()
-                        t0 = time.monotonic()
-                        async for _ in cluster.stream_tokens(prompt.text, request, result):
-                            pass
-                        t1 = time.monotonic()
-                        await asyncio.sleep(0.05)  # let the stages write their close reports
-                        stage_reports = _read_stage_stats(stats_tpl, stats_pos)
-                        head_report = head_backend.report() if head_backend is not None else {}
-                        row = result_row(prompt, result, cluster, mode)
-                        row.update(
-                            source=prompt.source,
-                            tokens_count=len(result.tokens),
-                            total_s=round(result.total_s, 4),
-                            decode_s=round(result.decode_s, 4),
-                            head_overruns=head_report.get("overruns", 0),
-                            overruns_by_kind=merge_kinds([head_report, *stage_reports.values()]),
-                            stage_overruns={k: r.get("overruns", 0) for k, r in stage_reports.items()},
-                            bytes_real=result.bytes_sent + sum(r.get("bytes_sent", 0)
-                                                               for r in stage_reports.values()),
-                            bytes_charged=head_report.get("bytes_charged", result.bytes_sent)
-                            + sum(r.get("bytes_charged", 0) for r in stage_reports.values()),
-                            head_busy_s=round(result.head_busy_s, 4),
-                            overruns_by_node_kind=node_kinds(head_report, stage_reports, args.stages),
-                            verdicts=len(result.verdict_times),
-                            v1_idle_ms=[round(s * ms_per_s, 3) for s in
-                                        idle_after_verdicts(result.verdict_times, result.busy.get(1, []))],
-                        )
-                        rows_out.append(row)
-                        if p_index == 0:
-                            first[mode] = {"busy": result.busy, "head": list(result.head_busy), "t0": t0, "t1": t1,
-                                           "verdicts": list(result.verdict_times)}
-                        bar.update(1)
-                bar.close()
-        finally:
-            local.stop()
-    elif hf is not None:
-        for prompt in prompts:
-            for mode in refs:
-                row = hf.run(mode, prompt.text)
-                row.update(id=prompt.id, source=prompt.source, mode=mode)
-                rows_out.append(row)
-
-    budgets = _budget_json(args, profile, ran)
+    torch.set_num_threads(max(1, plan.threads))
+    plan.out.mkdir(parents=True, exist_ok=True)
+    for k in range(1, plan.stages + 1):
+        Path(plan.stats_file(k)).unlink(missing_ok=True)
+    async with testbed(plan) as bed:
+        if plan.concurrency:
+            sweep = await _concurrency_sweep(bed)
+            (plan.out / "concurrency.json").write_text(json.dumps(sweep, indent=1))
+            (plan.out / "concurrency.md").write_text(concurrency_markdown(sweep))
+            return sweep
+        ran = bed.chosen_budgets()
+        costs = bed.cluster.head.cost_model() if bed.cluster is not None else None  # measured at start-up
+        rows, first = await _run_prompts(bed)
+    budgets = _budget_json(plan, ran)
     if costs is not None:
         budgets["measured_costs_s"] = costs.to_json()  # the lines the runtime measured (x D when emulated)
-    results = summarize(args, modes, rows_out, dilation, profile, calibration, dep, budgets)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
+    results = summarize(plan, rows, bed.dilation, bed.calibration, bed.dep, budgets)
+    (plan.out / "results.json").write_text(json.dumps(results, indent=1))
+    (plan.out / "results.md").write_text(markdown(results))
     for mode, data in first.items():
-        plot_timeline(out / f"timeline-{mode}.png", data["busy"], data["head"], data["t0"], data["t1"],
-                      dilation=dilation, verdicts=data["verdicts"], title=f"{mode}: {args.model}, {args.stages} stages, "
-                      f"{args.profile or 'real CPU'}, {args.link or 'loopback'}, D={dilation:g}, "
-                      f"prompt {prompts[0].source}/{prompts[0].id}")
+        _plot(plan, mode, data, bed.dilation)
     return results
 
 
-def _levels(text: str) -> list[int]:
+async def _run_prompts(bed: Testbed) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every prompt through every mode in turn (machine drift hits each mode alike): the rows, and each pipeline
+    mode's timeline on the first prompt."""
+    from tqdm import tqdm
+
+    plan = bed.plan
+    rows: list[dict[str, Any]] = []
+    first: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(plan.prompts) * len(plan.modes), desc="bench", unit="run", disable=not plan.progress,
+               file=sys.stderr)
+    for p_index, prompt in enumerate(plan.prompts):
+        for mode in plan.modes:
+            bar.set_postfix_str(f"{prompt.source}/{prompt.id} {mode}")
+            if mode in REFERENCE_MODES:
+                assert bed.hf is not None
+                rows.append(bed.hf.run(mode, prompt))
+            else:
+                row, timeline = await bed.run(mode, prompt)
+                rows.append(row)
+                if p_index == 0:
+                    first[mode] = timeline
+            bar.update(1)
+    bar.close()
+    return rows, first
+
+
+def _plot(plan: BenchPlan, mode: str, data: dict[str, Any], dilation: float) -> None:
+    from flowspec.bench.timeline import plot_timeline
+
+    p = plan.prompts[0]
+    plot_timeline(plan.out / f"timeline-{mode}.png", data["busy"], data["head"], data["t0"], data["t1"],
+                  dilation=dilation, verdicts=data["verdicts"], title=f"{mode}: {plan.model}, {plan.stages} stages, "
+                  f"{plan.profile_arg or 'real CPU'}, {plan.link_arg or 'loopback'}, D={dilation:g}, "
+                  f"prompt {p.source}/{p.id}")
+
+
+# -- the testbed ---------------------------------------------------------------------------------------------
+@dataclass
+class Testbed:
+    """What a run runs on: the deployment, the time dilation D it runs at (given, or calibrated), the cluster of
+    stage processes (None when only the references run) and the transformers references."""
+
+    __test__ = False  # not a pytest test class, whatever imports it
+
+    plan: BenchPlan
+    dep: Deployment
+    dilation: float
+    calibration: Calibration | None
+    cluster: Cluster | None
+    head_backend: EmulatedBackend | None  # the head's pacing when emulated
+    hf: _HFRefs | None
+    stats_pos: dict[int, int] = field(default_factory=dict)  # stage -> close reports read so far
+
+    def chosen_budgets(self) -> dict[str, Budget]:
+        """What the runtime chose for each tree mode from the costs it measured at start-up: what ran."""
+        if self.cluster is None:
+            return {}
+        return {m: self.cluster.budget(self.plan.request(m)) for m in self.plan.pipeline if m != "ar"}
+
+    async def run(self, mode: str, prompt: Prompt) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One pipeline request: its row of results.json, and its timeline."""
+        from flowspec.bench.timeline import idle_after_verdicts
+        from flowspec.cli.options import result_row
+        from flowspec.node.head import GenerationResult
+
+        assert self.cluster is not None
+        plan, result = self.plan, GenerationResult()
+        t0 = time.monotonic()
+        async for _ in self.cluster.stream_tokens(prompt.text, plan.request(mode), result):
+            pass
+        t1 = time.monotonic()
+        await asyncio.sleep(0.05)  # let the stages write their close reports
+        stage_reports = _read_stage_stats(plan.stats_file(), self.stats_pos)
+        head_report = self.head_backend.report() if self.head_backend is not None else {}
+        ms_per_s = 1e3 / self.dilation if plan.profile is not None else 1e3  # emulated ms (real / D) when emulated
+        row = result_row(prompt, result, self.cluster, mode)
+        row.update(
+            source=prompt.source,
+            tokens_count=len(result.tokens),
+            total_s=round(result.total_s, 4),
+            decode_s=round(result.decode_s, 4),
+            head_overruns=head_report.get("overruns", 0),
+            overruns_by_kind=merge_kinds([head_report, *stage_reports.values()]),
+            stage_overruns={k: r.get("overruns", 0) for k, r in stage_reports.items()},
+            bytes_real=result.bytes_sent + sum(r.get("bytes_sent", 0) for r in stage_reports.values()),
+            bytes_charged=head_report.get("bytes_charged", result.bytes_sent)
+            + sum(r.get("bytes_charged", 0) for r in stage_reports.values()),
+            head_busy_s=round(result.head_busy_s, 4),
+            overruns_by_node_kind=node_kinds(head_report, stage_reports, plan.stages),
+            verdicts=len(result.verdict_times),
+            v1_idle_ms=[round(s * ms_per_s, 3) for s in
+                        idle_after_verdicts(result.verdict_times, result.busy.get(1, []))],
+        )
+        timeline = {"busy": result.busy, "head": list(result.head_busy), "t0": t0, "t1": t1,
+                    "verdicts": list(result.verdict_times)}
+        return row, timeline
+
+
+@asynccontextmanager
+async def testbed(plan: BenchPlan) -> AsyncIterator[Testbed]:
+    """Load the deployment and the drafter, calibrate D (emulated, no --dilation), load the references, and
+    start the stage processes for the pipeline modes; stop them on the way out, however it is left."""
+    from flowspec.node.build import deployment
+    from flowspec.store import make_drafter
+
+    dep = deployment(plan.model, plan.stages, plan.layers, plan.cache_dir, plan.precision)
+    drafter = (make_drafter(plan.draft, plan.model, plan.cache_dir, precision=plan.precision, device=plan.device)
+               if plan.draft is not None else None)
+    calibration = _calibrate(plan, dep, drafter) if plan.profile is not None and plan.dilation is None else None
+    dilation = calibration.dilation if calibration is not None else plan.dilation or 1.0
+    hf = _HFRefs(plan) if plan.refs else None
+    async with _cluster(plan, drafter, dilation) as (cluster, head_backend):
+        yield Testbed(plan, dep, dilation, calibration, cluster, head_backend, hf,
+                      {k: 0 for k in range(1, plan.stages + 1)})
+
+
+def _calibrate(plan: BenchPlan, dep: Deployment, drafter: Drafter | None) -> Calibration:
+    from flowspec.bench.calibrate import calibrate
+
+    assert plan.profile is not None
+    beam = plan.budget("flowspec").topk
+    width = plan.budget("pipedec").width if "pipedec" in plan.pipeline else 1
+    calibration = calibrate(plan.profile, dep, drafter, segment_rows=plan.segment_rows, beam=beam,
+                            draft_rows=max(beam, width), margin=plan.margin)
+    print(f"calibrated D = {calibration.dilation} (binding: {calibration.binding}, ratios "
+          f"{ {k: round(v, 2) for k, v in calibration.ratios.items()} })", file=sys.stderr)
+    return calibration
+
+
+@asynccontextmanager
+async def _cluster(plan: BenchPlan, drafter: Drafter | None,
+                   dilation: float) -> AsyncIterator[tuple[Cluster | None, EmulatedBackend | None]]:
+    """The stage processes and the head connected to them (paced and shaped when emulated); (None, None)
+    when no pipeline mode runs."""
+    from flowspec.api import Cluster
+    from flowspec.bench.node import emulation_args
+    from flowspec.bench.testbed import EmulatedBackend
+    from flowspec.net import Timeouts
+    from flowspec.node.local import LocalCluster
+
+    if not plan.pipeline:
+        yield None, None
+        return
+    # heartbeats ride the dilated, shaped links: give them room in proportion to D
+    beat = 5.0 + 2.0 * dilation
+    node_args = ["--heartbeat-timeout", str(beat), "--device", plan.device, "--dtype", plan.dtype, "--quant",
+                 plan.quant, "--group-size", str(plan.group_size)]
+    module = "flowspec.cli.node"
+    head_backend = None
+    if plan.profile is not None:
+        assert plan.profile_arg is not None
+        module = "flowspec.bench.node"
+        node_args += [*emulation_args(plan.profile_arg, plan.link_arg, dilation), "--stats-file", plan.stats_file()]
+        head_backend = EmulatedBackend(plan.profile, dilation, num_stages=plan.stages, link=plan.link, name="head")
+    local = LocalCluster(plan.model, plan.stages, plan.layers, plan.cache_dir, extra_args=node_args, module=module)
     try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--concurrency takes whole numbers, e.g. 1,2,4,8; got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise ConfigError(f"--concurrency levels must be >= 1, got {text!r}")
-    return levels
+        await local.start()
+        async with await Cluster.connect(local.peers, model=plan.model, draft=drafter, cache_dir=plan.cache_dir,
+                                         timeouts=Timeouts(heartbeat_timeout=beat),
+                                         step_timeout=plan.step_timeout(dilation), backend=head_backend,
+                                         **plan.formats) as cluster:
+            yield cluster, head_backend
+    finally:
+        local.stop()
 
 
-async def _concurrency_sweep(cluster: Any, modes: list[str], prompts: list[Any], levels: list[int],
-                             args: argparse.Namespace, overrides: dict[str, Any], dilation: float,
-                             emulated: bool) -> dict[str, Any]:
-    """For each mode and level c: c requests started together (prompts in turn), each checked against its solo
-    output; aggregate tokens/s over the wall time, and each request's time to first token."""
-    from flowspec.api import Request
+async def _concurrency_sweep(bed: Testbed) -> dict[str, Any]:
+    """For each pipeline mode and level c: c requests started together (prompts in turn), each checked against
+    its solo output; aggregate tokens/s over the wall time, and each request's time to first token."""
     from flowspec.node.head import GenerationResult
 
-    request = {mode: Request(mode, args.max_new_tokens, 0.0, 1.0, 0, overrides) for mode in modes}
+    plan, cluster, dilation = bed.plan, bed.cluster, bed.dilation
+    assert cluster is not None
+    prompts, emulated = plan.prompts, plan.profile is not None
     solo: dict[tuple[str, int], list[int]] = {}
     rows = []
-    for c in levels:
-        for mode in modes:
+    for c in plan.concurrency:
+        for mode in plan.pipeline:
             picked = [i % len(prompts) for i in range(c)]
             for i in sorted(set(picked)):
                 if (mode, i) not in solo:
-                    solo[(mode, i)] = (await cluster.generate(prompts[i].text, request[mode])).tokens
+                    solo[(mode, i)] = (await cluster.generate(prompts[i].text, plan.request(mode))).tokens
             results = [GenerationResult() for _ in picked]
 
             async def one(i: int, result: GenerationResult, mode: str = mode) -> None:
-                async for _ in cluster.stream_tokens(prompts[i].text, request[mode], result):
+                assert cluster is not None
+                async for _ in cluster.stream_tokens(prompts[i].text, plan.request(mode), result):
                     pass
 
             t0 = time.monotonic()
@@ -326,48 +342,12 @@ async def _concurrency_sweep(cluster: Any, modes: list[str], prompts: list[Any],
             rows.append(row)
             print(f"{mode:>9} x{c}: {row['tokens_per_s']} tok/s, ttft p50 {row['ttft_p50_s']} s, "
                   f"p95 {row['ttft_p95_s']} s, identical to solo: {row['identical_to_solo']}", file=sys.stderr)
-    return {"config": {"model": args.model, "draft": args.draft, "stages": args.stages, "profile": args.profile,
-                       "link": args.link, "dilation": dilation, "emulated": emulated,
-                       "max_new_tokens": args.max_new_tokens, "prompts": [f"{p.source}/{p.id}" for p in prompts],
+    return {"config": {"model": plan.model, "draft": plan.draft_arg, "stages": plan.stages,
+                       "profile": plan.profile_arg, "link": plan.link_arg, "dilation": dilation,
+                       "emulated": emulated, "max_new_tokens": plan.max_new_tokens,
+                       "prompts": [f"{p.source}/{p.id}" for p in prompts],
                        "command": "flowspec " + " ".join(shlex.quote(a) for a in sys.argv[1:])},
             "rows": rows, "identical_outputs": all(r["identical_to_solo"] for r in rows)}
-
-
-def _step_timeout(prompts: list[Any], profile: Profile | None, dilation: float, stages: int) -> float:
-    """How long the head waits without progress: a prefill returns nothing until its last chunk has passed every
-    stage, which on a slow profile (a Pi: 1.6 s per 60-token chunk and stage) takes minutes once dilated."""
-    from flowspec.node.driver import PREFILL_CHUNK
-
-    if profile is None:
-        return max(60.0, 10 * dilation)
-    longest = max((len(p.text) for p in prompts), default=0) // 2 + 64  # tokens, generously (chat template)
-    chunks = -(-longest // PREFILL_CHUNK)
-    prefill = profile.stage_cost(PREFILL_CHUNK, longest) * dilation * (chunks + stages)
-    return max(60.0, 10 * dilation, 2 * prefill)
-
-
-def _budget(mode: str, stages: int, profile: Profile | None, overrides: dict[str, Any]) -> Budget:
-    """The Budget the runtime chooses for `mode`: from the profile's cost curves when emulating (dilation
-    scales every curve alike, so the choice is the same), Budget's CPU defaults otherwise; flags win."""
-    from flowspec.sched import Mode
-    from flowspec.sched.costs import choose_budget
-
-    return choose_budget(Mode.parse(mode), stages, profile.cost_model() if profile is not None else None,
-                         **overrides)
-
-
-def _segment_rows(modes: list[str], stages: int, profile: Profile | None, overrides: dict[str, Any]) -> int:
-    """The largest segment (rows per stage forward) the run's modes send."""
-    rows = 1
-    for m in modes:
-        b = _budget(m, stages, profile, overrides)
-        if m == "flowspec":
-            rows = max(rows, b.segment)
-        elif m == "chunk":
-            rows = max(rows, -(-(b.init_tokens + 1) // (stages + 1)))
-        elif m == "pipedec":
-            rows = max(rows, b.width)
-    return rows
 
 
 def _read_stage_stats(tpl: str, pos: dict[int, int]) -> dict[int, dict[str, Any]]:
@@ -394,32 +374,28 @@ def _read_stage_stats(tpl: str, pos: dict[int, int]) -> dict[int, dict[str, Any]
 class _HFRefs:
     """transformers' generate and assisted generation on the unsplit model, in this process (real CPU)."""
 
-    def __init__(self, args: argparse.Namespace, draft: str | None, modes: list[str]) -> None:
+    def __init__(self, plan: BenchPlan) -> None:
+        from flowspec.api import _eos_ids
+        from flowspec.store import load_hf_reference, load_tokenizer, resolve
+
+        self.max_new_tokens = plan.max_new_tokens
+        self.tok = load_tokenizer(plan.model, plan.cache_dir)
+        self.model = load_hf_reference(plan.model, plan.cache_dir)
+        self.assistant = None
+        if "hf-assisted" in plan.modes:
+            assert plan.draft is not None  # the plan resolves a draft for every mode that drafts
+            self.assistant = _hf_assistant(plan.draft, plan.model, plan.cache_dir)
+        self.eos = list(_eos_ids(resolve(plan.model, plan.cache_dir), self.tok, ()))
+
+    def run(self, mode: str, prompt: Prompt) -> dict[str, Any]:
+        """One reference request: its row of results.json."""
         import torch
 
-        from flowspec.store import load_hf_reference, load_tokenizer
-
-        self.args = args
-        self.tok = load_tokenizer(args.model, args.cache_dir)
-        self.model = load_hf_reference(args.model, args.cache_dir)
-        self.assistant = None
-        if "hf-assisted" in modes:
-            if draft is None:
-                raise ConfigError("hf-assisted needs --draft")
-            self.assistant = _hf_assistant(draft, args.model, args.cache_dir)
-        self.torch = torch
-        from flowspec.api import _eos_ids
-        from flowspec.store import resolve
-
-        self.eos = list(_eos_ids(resolve(args.model, args.cache_dir), self.tok, ()))
-
-    def run(self, mode: str, text: str) -> dict[str, Any]:
-        torch = self.torch
-        ids = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+        ids = self.tok.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
                                            tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         inp = torch.tensor([ids])
-        kw: dict[str, Any] = dict(max_new_tokens=self.args.max_new_tokens, do_sample=False,
+        kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, do_sample=False,
                                   eos_token_id=self.eos or None, pad_token_id=(self.eos or [0])[0],
                                   attention_mask=torch.ones_like(inp))
         if mode == "hf-assisted":
@@ -430,20 +406,20 @@ class _HFRefs:
         took = time.monotonic() - start
         tokens = [int(t) for t in out[0, len(ids):]]
         return {"tokens": tokens, "tokens_count": len(tokens), "total_s": round(took, 4),
-                "tokens_per_s": round(len(tokens) / took, 3), "text": self.tok.decode(tokens, skip_special_tokens=True)}
+                "tokens_per_s": round(len(tokens) / took, 3), "text": self.tok.decode(tokens, skip_special_tokens=True),
+                "id": prompt.id, "source": prompt.source, "mode": mode}
 
 
-def _hf_assistant(draft: str, target: str, cache_dir: str | None) -> Any:
-    import re
-
+def _hf_assistant(draft: DraftSpec, target: str, cache_dir: str | None) -> Any:
+    """transformers' model for `draft`: the same model flowspec's drafter is (store.make_drafter)."""
     from flowspec.store import load_hf_reference
 
-    m = re.fullmatch(r"self(?::layers=(\d+))?", draft)
-    if m is None:
-        return load_hf_reference(draft, cache_dir)
+    assert draft.kind != "random", "BenchPlan refuses hf-assisted with the random draft"
+    if draft.kind == "model":
+        return load_hf_reference(draft.model, cache_dir)
     model = load_hf_reference(target, cache_dir)
-    if m.group(1):
-        n = int(m.group(1))
+    if draft.layers is not None:
+        n = draft.layers
         model.model.layers = model.model.layers[:n]
         model.config.num_hidden_layers = n
         if hasattr(model.config, "layer_types") and model.config.layer_types:
@@ -451,16 +427,9 @@ def _hf_assistant(draft: str, target: str, cache_dir: str | None) -> Any:
     return model
 
 
-def _budget_json(args: argparse.Namespace, profile: Profile | None, ran: dict[str, Budget]) -> dict[str, Any]:
+def _budget_json(plan: BenchPlan, ran: dict[str, Budget]) -> dict[str, Any]:
     """The budget each tree mode ran with: as the runtime chose it from its start-up measurements (`ran`), else
     as chosen from the profile's curves; flags applied either way."""
-    from dataclasses import fields
-
-    from flowspec.cli.options import budget_overrides
-
-    budgets = {m: ran.get(m) or _budget(m, args.stages, profile, budget_overrides(args))
-               for m in ("chunk", "pipedec", "flowspec")}
+    budgets = {m: ran.get(m) or plan.budget(m) for m in ("chunk", "pipedec", "flowspec")}
     names = [f.name for f in fields(budgets["flowspec"]) if f.name not in ("mode", "num_stages")]
     return {m: {name: getattr(b, name) for name in names} for m, b in budgets.items()}
-
-

@@ -21,13 +21,12 @@ from flowspec.node.backend import Backend
 __all__ = ["emulation_args", "main"]
 
 
-def emulation_args(args: argparse.Namespace) -> list[str]:
-    """The command-line options that give a stage process the same emulation as `args` (for LocalCluster)."""
-    out = ["--dilation", repr(float(args.dilation))]
-    if args.profile:
-        out += ["--profile", args.profile]
-    if args.link:
-        out += ["--link", args.link]
+def emulation_args(profile: str, link: str | None, dilation: float) -> list[str]:
+    """The command-line options that give a stage process this emulation (for LocalCluster): the device profile
+    and link as named on the bench's command line, and the time dilation D."""
+    out = ["--dilation", repr(float(dilation)), "--profile", profile]
+    if link:
+        out += ["--link", link]
     return out
 
 

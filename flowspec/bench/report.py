@@ -3,13 +3,15 @@ summary lines, and the concurrency sweep's table."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shlex
 import statistics
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flowspec.bench.plan import BenchPlan
 
 __all__ = ["PIPELINE_MODES", "REFERENCE_MODES", "concurrency_markdown", "markdown", "merge_kinds", "node_kinds",
            "quantile", "summarize", "summary_line"]
@@ -18,9 +20,10 @@ PIPELINE_MODES = ("ar", "chunk", "pipedec", "flowspec")
 REFERENCE_MODES = ("hf", "hf-assisted")
 
 
-def summarize(args: argparse.Namespace, modes: list[str], rows: list[dict[str, Any]], dilation: float,
-              profile: Any, calibration: Any, dep: Any, budget: dict[str, Any]) -> dict[str, Any]:
+def summarize(plan: BenchPlan, rows: list[dict[str, Any]], dilation: float, calibration: Any, dep: Any,
+              budget: dict[str, Any]) -> dict[str, Any]:
     """results.json: per mode totals and rates over the prompts, whether outputs agreed, the run's config."""
+    modes, profile = plan.modes, plan.profile
     by_prompt: dict[str, dict[str, list[int]]] = {}
     for r in rows:
         by_prompt.setdefault(f"{r['source']}/{r['id']}", {})[r["mode"]] = r["tokens"]
@@ -36,20 +39,20 @@ def summarize(args: argparse.Namespace, modes: list[str], rows: list[dict[str, A
         m: dict[str, Any] = {"prompts": len(rs), "tokens": tokens, "seconds": round(secs, 3),
                              "tokens_per_s": round(rate, 3)}
         if mode in PIPELINE_MODES:
-            m.update(_pipeline_stats(rs, args.stages, dilation if profile is not None else None))
+            m.update(_pipeline_stats(rs, plan.stages, dilation if profile is not None else None))
         else:
             m.update({"emulated_tokens_per_s": None, "emulated_decode_tokens_per_s": None,
                       "note": "single process, real CPU, not emulated"})
         summary[mode] = m
     config = {
         "command": "flowspec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "",
-        "model": args.model, "draft": args.draft, "stages": args.stages, "layers": list(dep.counts),
+        "model": plan.model, "draft": plan.draft_arg, "stages": plan.stages, "layers": list(dep.counts),
         "profile": profile.name if profile is not None else None,
         "profile_source": profile.source if profile is not None else None,
-        "link": args.link, "dilation": dilation,
+        "link": plan.link_arg, "dilation": dilation,
         "calibration": calibration.to_json() if calibration is not None else None,
-        "budget": budget, "max_new_tokens": args.max_new_tokens,
-        "prompts": args.prompts, "per_task": args.per_task,
+        "budget": budget, "max_new_tokens": plan.max_new_tokens,
+        "prompts": plan.prompts_dir, "per_task": plan.per_task,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python "
                    f"{platform.python_version()}",
         "notes": "tokens_per_s is real wall clock including prefill; decode_tokens_per_s counts from the first "

@@ -53,13 +53,16 @@ def add_demo_command(sub: Any) -> None:
     p.set_defaults(handler=demo_command)
 
 
-def _ensure_pulled(names: list[str], cache_dir: str | None) -> None:
-    from flowspec.store import list_models
+def _ensure_pulled(model: str, draft: str | None, cache_dir: str | None) -> None:
+    """Pull the model and a draft that is another registered model, unless installed (paths are not pulled)."""
+    from flowspec.store import DraftSpec, list_models
     from flowspec.store.pull import pull
 
+    spec = DraftSpec.parse(draft) if draft else None
+    names = [model] + ([spec.model] if spec is not None and spec.kind == "model" else [])
     have = {str(m["name"]) for m in list_models(cache_dir)}
     for name in names:
-        if name not in have and not name.startswith(("self", "random", "/", ".")):
+        if name not in have and not name.startswith(("/", ".")):
             print(f"pulling {name} (once) ...", file=sys.stderr)
             pull(name, cache_dir)
 
@@ -68,7 +71,7 @@ async def _demo(args: argparse.Namespace) -> int:
     from flowspec.api import default_draft
 
     draft = args.draft or default_draft(args.model)
-    _ensure_pulled([args.model] + ([draft] if draft else []), args.cache_dir)
+    _ensure_pulled(args.model, draft, args.cache_dir)
     print(f"starting {args.stages} local stages of {args.model} (draft {draft}) ...", file=sys.stderr)
     async with await Cluster.start_local(args.model, args.stages, draft=draft, cache_dir=args.cache_dir,
                                          **formats(args)) as c:
@@ -103,7 +106,7 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _emulated(args: argparse.Namespace, draft: str | None) -> bool:
     """ar, pipedec and flowspec on the prompt, on the emulated testbed; print them side by side. Returns
     whether the three outputs were identical."""
-    from flowspec.bench.command import bench_args, run_bench
+    from flowspec.bench.command import BenchPlan, bench_args, run_bench
 
     # the prompt as a Spec-Bench file, so that `flowspec bench --prompts OUT/prompt ...` reruns exactly this
     prompts = Path(args.out) / "prompt"
@@ -118,7 +121,7 @@ async def _emulated(args: argparse.Namespace, draft: str | None) -> bool:
     print(f"\n=== emulated {args.profile}: {', '.join(EMULATED_MODES)} on the same prompt "
           f"({args.emulated_tokens} tokens each) ===", flush=True)
     start = time.monotonic()
-    results = await run_bench(bench_args(argv), list(EMULATED_MODES))
+    results = await run_bench(BenchPlan.from_args(bench_args(argv)))
     took = time.monotonic() - start
     print(_side_by_side(results, args.out))
     print(f"(the emulated part took {took / 60:.1f} min of wall time; all numbers in {args.out}/results.md; "

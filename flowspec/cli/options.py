@@ -40,16 +40,25 @@ def _finite(text: str) -> float:
 
 def temperature(text: str) -> float:
     value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {value:g}")
+    _sampling_rule(temperature=value)
     return value
 
 
 def top_p(text: str) -> float:
     value = _finite(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = no nucleus cut), got {value:g}")
+    _sampling_rule(top_p=value)
     return value
+
+
+def _sampling_rule(temperature: float = 0.0, top_p: float = 1.0) -> None:
+    """The sampling ranges are SamplingParams' rule (the API and the server check with it too)."""
+    from flowspec.errors import ConfigError
+    from flowspec.sched import SamplingParams
+
+    try:
+        SamplingParams(temperature, top_p)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

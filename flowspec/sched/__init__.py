@@ -15,6 +15,7 @@ from flowspec.sched.events import (
     StepTimedOut,
 )
 from flowspec.sched.growth import Candidate, DraftJob, ExpandRequest, LayerGrowth, TreeGrowth
+from flowspec.sched.policies import largest_segment
 from flowspec.sched.sampling import SamplingParams, choose_token
 from flowspec.sched.scheduler import TRANSITIONS, DecodeStats, Outcome, RequestState, Scheduler
 from flowspec.sched.stage import Admission, Compaction, StageTree
@@ -25,5 +26,5 @@ __all__ = [
     "CostModel", "DecodeStats", "DraftError", "DraftJob", "DraftReady", "DraftTree", "EmitTokens", "Event", "ExpandRequest", "Finish",
     "LayerGrowth", "Line", "Mode", "Node", "NodeState", "Outcome", "Prefilled", "RequestState", "RunDraft", "SamplingParams",
     "Scheduler", "SegmentReturned", "SendSegment", "StageError", "StageLost", "StageTree", "StepTimedOut", "TreeGrowth",
-    "choose_budget", "choose_token",
+    "choose_budget", "choose_token", "largest_segment",
 ]

@@ -15,7 +15,26 @@ from flowspec.sched.growth import DraftDecision, GrowLayer, GrowTree
 if TYPE_CHECKING:
     from flowspec.sched.scheduler import Scheduler
 
-__all__ = ["POLICIES", "SchedulerView"]
+__all__ = ["POLICIES", "SchedulerView", "largest_segment"]
+
+
+def largest_segment(budget: Budget) -> int:
+    """The most rows one segment of `budget.mode` carries: what a stage forward must be sized (and a testbed
+    calibrated) for. The policies below send no more than this, and their fixed sizes are this."""
+    match budget.mode:
+        case Mode.AR:
+            return 1
+        case Mode.CHUNK:  # a whole first tree, the root and its `init_tokens` drafts, in chunks
+            return _chunk_size(budget.init_tokens + 1, budget.num_stages)
+        case Mode.PIPEDEC:
+            return max(budget.width, 1)
+        case Mode.FLOWSPEC:
+            return budget.segment
+
+
+def _chunk_size(tree_size: int, num_stages: int) -> int:
+    """Chunk-PP splits a tree into num_stages + 1 chunks."""
+    return -(-tree_size // (num_stages + 1))
 
 
 class SchedulerView:
@@ -92,7 +111,7 @@ class _Policy:
 
     def segment_size(self) -> int:
         """How many of the best unsent nodes go out as the next segment now (0: none)."""
-        return self.view.budget.segment
+        return largest_segment(self.view.budget)
 
     def when_idle(self) -> DraftDecision:
         """Nothing more goes out now, a slot is free and no draft job runs."""
@@ -113,8 +132,7 @@ class _Policy:
 
 
 class _AutoRegressive(_Policy):
-    def segment_size(self) -> int:
-        return 1
+    """One token per trip round the ring (its segments are one row: `largest_segment`)."""
 
 
 class _ChunkPP(_Policy):
@@ -130,14 +148,11 @@ class _ChunkPP(_Policy):
     def segment_size(self) -> int:
         if not self.view.drafts_merged_in_round:  # the round's tree is not drafted yet
             return 0
-        return -(-self.view.tree_size // (self.view.budget.num_stages + 1))
+        return _chunk_size(self.view.tree_size, self.view.budget.num_stages)
 
 
 class _PipeDec(_Policy):
     """One layer per pipeline step: the root alone, then the `width` best children of the deepest layer."""
-
-    def segment_size(self) -> int:
-        return max(self.view.budget.width, 1)
 
     def when_idle(self) -> DraftDecision:
         return None if self.view.unsent_count else GrowLayer()
@@ -164,7 +179,7 @@ class _FlowSpec(_Policy):
         v = self.view
         if v.fresh_round and v.drafting and not v.budget.eager_root and v.unsent_count <= 1:
             return 0  # a round starts: the root goes out with the first segment of its tree (paper §D.1)
-        return v.budget.segment
+        return super().segment_size()
 
     def min_reach(self) -> float:
         return self.view.budget.min_reach

@@ -13,22 +13,29 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "choose_token", "uniform"]
+from flowspec.errors import ConfigError
+
+__all__ = ["MAX_TEMPERATURE", "SamplingParams", "choose_token", "uniform"]
 
 _MASK64 = (1 << 64) - 1
+MAX_TEMPERATURE = 2.0  # OpenAI's bound; past it the target's distribution is all but uniform noise
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
+    """How the next token is chosen. The one rule for the sampling ranges: the command line, the API and the
+    HTTP server all build one of these, so they refuse the same values with the same words."""
+
     temperature: float = 0.0  # 0 = greedy, token-identical to transformers generate(do_sample=False)
     top_p: float = 1.0  # nucleus mass kept; 1.0 keeps everything
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN fails it too
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy) and <= {MAX_TEMPERATURE:g}, "
+                              f"got {self.temperature:g}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {self.top_p:g}")
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flowspec.errors import ConfigError
+from flowspec.sched import SamplingParams
+
 __all__ = ["ApiError", "Generation", "Limits", "parse_chat", "parse_completion"]
 
 _MAX_STOP = 4  # stop sequences per request, as OpenAI
@@ -169,10 +172,7 @@ def _generation(obj: Mapping[str, Any], limits: Limits, max_tokens: object, toke
         max_tokens = min(default, limits.max_tokens)
     if not _is_int(max_tokens) or not 1 <= int(max_tokens) <= limits.max_tokens:  # type: ignore[call-overload]
         raise ApiError(400, f"'{tokens_param}' must be an integer in 1..{limits.max_tokens}", param=tokens_param)
-    temperature = _number(obj, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(obj, "top_p", 1.0, 0.0, 1.0)
-    if top_p <= 0.0:
-        raise ApiError(400, "'top_p' must be in (0, 1]", param="top_p")
+    temperature, top_p = _sampling(obj)
     seed = obj.get("seed")
     if seed is None:
         seed = secrets.randbits(63)  # no seed: a fresh draw each request, as OpenAI
@@ -194,13 +194,29 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(obj: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
+def _sampling(obj: Mapping[str, Any]) -> tuple[float, float]:
+    """temperature (OpenAI's default 1) and top_p, in the ranges of SamplingParams (the one rule, the CLI's too)."""
+    temperature, top_p = _number(obj, "temperature", 1.0), _number(obj, "top_p", 1.0)
+    param = "temperature"
+    try:
+        SamplingParams(temperature)
+        param = "top_p"
+        SamplingParams(top_p=top_p)
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), param=param) from None
+    return temperature, top_p
+
+
+def _number(obj: Mapping[str, Any], name: str, default: float) -> float:
     v = obj.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
-        raise ApiError(400, f"'{name}' must be a number in [{low:g}, {high:g}]", param=name)
-    return float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ApiError(400, f"'{name}' must be a number", param=name)
+    try:
+        return float(v)
+    except OverflowError:  # an integer past a float's range
+        return float("inf") if v > 0 else float("-inf")
 
 
 def _stop(v: object) -> tuple[str, ...]:

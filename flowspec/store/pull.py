@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from flowspec.errors import ModelError, ModelMismatch, ModelNotInstalled
+from flowspec.store.atomic import atomic_dir
 from flowspec.store.gguf_file import check_gguf
 from flowspec.store.registry import RECEIPT, ModelSpec, cache_dir, compute_fingerprint, get_spec, model_dir
 
@@ -112,20 +112,8 @@ def pull(name: str, cache: str | os.PathLike[str] | None = None, install: Instal
     final = model_dir(name, cache)
     if (final / RECEIPT).is_file() and not force:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=final.parent))
-    try:
+    with atomic_dir(final, _need_bytes(spec), "pull") as tmp:  # readers see no model or a whole one
         _build(spec, tmp, install)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is readable like any cache entry
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)  # atomic: readers see no model or a whole one
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise ModelError(f"disk full: need ~{_need_bytes(spec) / 1e9:.1f} GB in {final.parent}") from e
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -190,9 +178,7 @@ def add_model(source: str | os.PathLike[str], name: str, cache: str | os.PathLik
     gguf = check_gguf(src) if src.is_file() else None
     # the fp32 folder is ~7x a 4-bit GGUF; an HF folder is copied as it is
     need = 8 * gguf.size if gguf else sum(f.stat().st_size for f in src.iterdir() if f.is_file())
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".add-{name}-", dir=final.parent))
-    try:
+    with atomic_dir(final, need, "add") as tmp:
         if gguf is not None:
             print(f"converting {src.name} ({gguf.architecture}, {gguf.size / 1e6:,.1f} MB) to fp32 safetensors "
                   "(once)...", file=sys.stderr)
@@ -208,16 +194,6 @@ def add_model(source: str | os.PathLike[str], name: str, cache: str | os.PathLik
         _check_runnable(tmp)
         receipt = {"name": name, "source": str(src.resolve()), "fingerprint": compute_fingerprint(tmp)}
         (tmp / RECEIPT).write_text(json.dumps(receipt, indent=2))
-        tmp.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise ModelError(f"disk full: need ~{need / 1e9:.1f} GB in {final.parent}") from e
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from flowspec.model.config import ModelConfig
 from flowspec.model.precision import Precision
 from flowspec.model.quant import quantize_weight
 from flowspec.model.stage import LMHead, StageModel
+from flowspec.store.atomic import atomic_dir
 from flowspec.store.registry import cache_dir, model_fingerprint, model_name, resolve, sha256_file
 from flowspec.store.weights import head_tensors, open_hf_weights, read_hf_config, stage_tensors
 
@@ -131,9 +130,8 @@ def split_model(
     name, fp = model_name(folder), model_fingerprint(folder)
     counts = plan_layers(cfg.num_layers, layers, num_stages, name)
     out = Path(out_dir) if out_dir else default_shard_dir(folder, counts, cache_dir, precision)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".split-{out.name}-", dir=out.parent))
-    try:
+    need = sum(f.stat().st_size for f in folder.glob("*.safetensors")) * 1.1
+    with atomic_dir(out, need, "split") as tmp:
         base = {"format_version": FORMAT_VERSION, "model": name, "fingerprint": fp, "num_stages": len(counts),
                 "layers": counts, "dtype": precision.dtype, "quant": precision.quant,
                 "group_size": precision.group_size, "config": cfg.to_dict()}
@@ -160,19 +158,6 @@ def split_model(
                 start += n
                 bar.update(1)
         bar.close()
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except OSError as e:
-        import errno
-
-        if e.errno == errno.ENOSPC:
-            need = sum(f.stat().st_size for f in folder.glob("*.safetensors")) * 1.1
-            raise ModelError(f"disk full: need ~{need / 1e9:.1f} GB in {out.parent}") from e
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowspec.errors import ConfigError, ModelError, ModelMismatch
-from flowspec.store import make_drafter
+from flowspec.store import DraftSpec, make_drafter
 from flowspec.store.load import load_full
 
 
@@ -181,3 +181,31 @@ def test_known_nodes_cost_no_forward_across_jobs_and_verdicts(tiny_llama: Path) 
                                atol=2e-5, rtol=1e-4)
     d.sync([4, 8, 15, 99])  # a verdict that leaves the drafted path: start over from the common context
     assert d.num_scratch == 0 and d.computed == 3 and d.pending == 1
+
+
+@pytest.mark.parametrize(("text", "kind", "layers", "model"), [
+    ("self", "self", None, ""), ("self:layers=3", "self", 3, ""), ("random", "random", None, ""),
+    ("smollm2-135m", "model", None, "smollm2-135m"), ("/models/my draft", "model", None, "/models/my draft"),
+])
+def test_draft_spec_round_trips(text: str, kind: str, layers: int | None, model: str) -> None:
+    spec = DraftSpec.parse(text)
+    assert (spec.kind, spec.layers, spec.model) == (kind, layers, model)
+    assert str(spec) == text and DraftSpec.parse(str(spec)) == spec
+
+
+@pytest.mark.parametrize("text", ["self:layerz=3", "self:", "self:layers=", "self:layers=-1", ""])
+def test_draft_spec_refuses_what_is_no_draft(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"use self, self:layers=N, random, or a model name/path"):
+        DraftSpec.parse(text)
+
+
+def test_the_bench_assistant_and_the_drafter_read_a_spec_alike(tiny_llama: Path) -> None:
+    """hf-assisted's assistant (transformers) and flowspec's drafter are the same model for the same spec."""
+    from flowspec.bench.command import _hf_assistant
+
+    for text, layers in (("self", 5), ("self:layers=2", 2)):
+        spec = DraftSpec.parse(text)
+        assistant = _hf_assistant(spec, str(tiny_llama), None)
+        drafter = make_drafter(spec, tiny_llama)
+        assert len(assistant.model.layers) == assistant.config.num_hidden_layers == layers
+        assert len(drafter.model.layers) == layers and drafter.name == text

@@ -99,3 +99,42 @@ def test_garbage_weights_of_right_size(shards: Path) -> None:
 def test_smollm2_bad_split_refused(smollm2: Path) -> None:
     with pytest.raises(ConfigError, match="layers 10,10,5 sum to 25 but smollm2-135m has 30 layers"):
         split_model("smollm2-135m", [10, 10, 5])
+
+
+def test_atomic_dir_replaces_whole_or_leaves_the_old(tmp_path: Path) -> None:
+    from flowspec.store.atomic import atomic_dir
+
+    final = tmp_path / "cache" / "thing"
+    with atomic_dir(final, 1e9, "job") as tmp:
+        assert tmp.parent == final.parent and tmp.name.startswith(".job-thing-") and not final.exists()
+        (tmp / "a").write_text("new")
+    assert [p.name for p in final.parent.iterdir()] == ["thing"] and (final / "a").read_text() == "new"
+    assert final.stat().st_mode & 0o777 == 0o755  # readable like any cache entry, not mkdtemp's 0o700
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(final, 1e9, "job") as tmp:
+        (tmp / "a").write_text("half")
+        raise RuntimeError("boom")
+    assert [p.name for p in final.parent.iterdir()] == ["thing"] and (final / "a").read_text() == "new"
+
+
+def test_disk_full_while_splitting_says_what_is_needed_and_leaves_nothing(tiny_llama: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    from collections import namedtuple
+
+    from flowspec.store import atomic, shard
+
+    written: list[str] = []
+
+    def full(tensors: object, path: str) -> None:
+        Path(path).write_bytes(b"partial")
+        written.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shard, "save_file", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: usage(10**10, 10**10 - 123_000_000, 123_000_000))
+    need = sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors")) * 1.1
+    out = tmp_path / "shards" / "s"
+    with pytest.raises(ModelError, match=rf"disk full: need ~{need / 1e9:.1f} GB in {out.parent}, 0\.1 GB free"):
+        split_model(tiny_llama, [2, 3], out_dir=out)
+    assert written and list((tmp_path / "shards").iterdir()) == []

@@ -103,3 +103,38 @@ def test_a_bad_shutdown_grace_is_one_error_line(grace: str) -> None:
     assert out.returncode == 2, out
     assert out.stderr.strip().splitlines() == [
         f"flowspec serve: error: --shutdown-grace must be a number of seconds >= 0, not {float(grace)}"], out.stderr
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("temperature", -1.0), ("temperature", 3.0), ("temperature", 2.5), ("top_p", 0.0), ("top_p", 1.5),
+])
+def test_the_cli_and_the_server_refuse_the_same_sampling_values_in_the_same_words(field: str, value: float) -> None:
+    """One rule (SamplingParams): the HTTP schema and `flowspec run`'s flags refuse a value with its words."""
+    import os
+    import subprocess
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    from flowspec.sched import SamplingParams
+
+    with pytest.raises(ConfigError) as rule:
+        replace(SamplingParams(), **{field: value})
+    with pytest.raises(ApiError) as api:
+        parse_chat(chat(**{field: value}), LIMITS)
+    assert api.value.status == 400 and api.value.param == field and api.value.message == str(rule.value)
+    flag = "--" + field.replace("_", "-")
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-m", "flowspec", "run", "--local", "--prompt", "Hi", flag, str(value)],
+                         capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: {rule.value}"), run.stderr
+
+
+def test_sampling_values_in_range_pass_every_edge() -> None:
+    from flowspec.cli.options import temperature, top_p
+
+    for t, p in ((0, 1), (2, 0.01), (0.7, 0.9)):
+        gen = parse_chat(chat(temperature=t, top_p=p), LIMITS)
+        assert (gen.temperature, gen.top_p) == (t, p) == (temperature(str(t)), top_p(str(p)))
