@@ -21,6 +21,7 @@ from pathlib import Path
 from flowspec.config import Peers, read_peers
 from flowspec.errors import ConfigError, StageFailed
 from flowspec.node.lifeline import Lifeline
+from flowspec.store.shard import check_layer_counts
 
 __all__ = ["LocalCluster", "free_ports"]
 
@@ -49,6 +50,8 @@ class LocalCluster:
         the emulated testbed passes its own (flowspec.bench.node)."""
         if num_stages < 1:
             raise ConfigError(f"--stages must be >= 1, got {num_stages}")
+        if layers is not None:  # here, before they reach the peers file this writes (its errors name that file)
+            check_layer_counts(layers, num_stages)
         self.model, self.num_stages, self.cache_dir = model, num_stages, cache_dir
         self.secret, self.extra_args, self.threads, self.module = secret, extra_args or [], threads, module
         self._dir = tempfile.TemporaryDirectory(prefix="flowspec-local-")

@@ -1,6 +1,7 @@
 """Request lifecycle over real stage processes: a killed stage fails the request with a clear error naming it
 (never a hang); a cancelled stream frees the request on every stage; `flowspec run --json` prints the documented
-rows; peers-file errors are line-numbered and `flowspec-node` exits non-zero on a bad one."""
+rows; peers-file errors are line-numbered and `flowspec-node` exits non-zero on a bad one; a bad `--layers` for
+`flowspec run --local` is one error line naming the flag."""
 
 from __future__ import annotations
 
@@ -141,6 +142,19 @@ def test_flowspec_node_rejects_a_bad_peers_file(tmp_path) -> None:  # type: igno
     missing = subprocess.run([str(ROOT / "bin/flowspec-node"), "--peers", str(tmp_path / "nope.txt"), "--index",
                               "1", "--model", SMOL], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "cannot read peers file" in missing.stderr, missing.stderr
+
+
+@pytest.mark.parametrize(("layers", "says"), [
+    ("0,30", "--layers 0,30: stage 1 has no layers; every stage needs at least 1"),
+    ("30", "--stages 2 but --layers has 1 numbers; give one per stage"),
+])
+def test_run_local_names_the_layers_flag(layers: str, says: str) -> None:
+    cmd = [sys.executable, "-m", "flowspec", "run", "--local", "--stages", "2", "--layers", layers, "--model", SMOL,
+           "--prompt", "Hi", "--max-new-tokens", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out
+    assert out.stderr.strip().splitlines() == [f"flowspec run: error: {says}"], out.stderr
+    assert "peers.txt" not in out.stderr and "/tmp" not in out.stderr
 
 
 async def test_slow_drafter_load_keeps_the_links_up(stages: Stages, monkeypatch: pytest.MonkeyPatch) -> None:
