@@ -33,7 +33,7 @@ from flowspec.compat import TIMEOUT_ERRORS
 from flowspec.errors import FlowSpecError
 from flowspec.net import Timeouts
 from flowspec.node.head import GenerationResult
-from flowspec.node.local import LocalCluster
+from flowspec.node.local import LocalCluster, python_module
 
 __all__ = ["ChaosConfig", "add_chaos_command", "run_chaos"]
 
@@ -239,7 +239,7 @@ class Chaos:
         return result, stall
 
     def head_command(self, mode: str, prompt: int) -> list[str]:
-        cmd = [sys.executable, "-m", "flowspec", "run", "--peers", str(self.local.peers_path), "--model", MODEL,
+        cmd = [*python_module("flowspec"), "run", "--peers", str(self.local.peers_path), "--model", MODEL,
                "--mode", mode, "--prompt", PROMPTS[prompt], "--max-new-tokens", str(self.config.max_new_tokens),
                "--json", "--heartbeat-timeout", repr(self.config.heartbeat_timeout),
                "--recovery-timeout", repr(self.config.recovery_timeout)]

@@ -24,7 +24,7 @@ from typing import Any, final
 import structlog
 
 from flowspec.compat import TIMEOUT_ERRORS, TaskGroup, timeout
-from flowspec.errors import ConfigError, FlowSpecError, PeerProtocolError, StageFailed, StageTimeout
+from flowspec.errors import AuthError, ConfigError, FlowSpecError, PeerProtocolError, StageFailed, StageTimeout
 from flowspec.net.framing import HEADER, FrameDecoder, check_length, decode_body, encode_frame
 from flowspec.net.handshake import Handshake, HandshakeState
 from flowspec.net.limits import HANDSHAKE_LIMITS, Limits
@@ -337,13 +337,39 @@ async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return hs.peer
 
 
-def _closed_before_hello(exc: StageFailed, stage: int, tls: TlsConfig | None) -> StageFailed:
-    """A stage that hangs up before its hello: say what usually causes it."""
+async def _closed_before_hello(exc: StageFailed, host: str, port: int, stage: int, tls: TlsConfig | None,
+                               ssl_object: object, within: float) -> FlowSpecError:
+    """A stage that hangs up before its hello. A TLS mismatch is refused at once (an ``AuthError``, which nobody
+    retries): a TLS stage meeting this plain node, or one that refused this node's certificate. Anything else
+    (the stage going down, a stage shedding pending handshakes) stays a ``StageFailed``, retried."""
+    name = format_address(host, port)
     if tls is None:
-        why = f"if stage {stage} runs with TLS, give this node --tls-cert/--tls-key/--tls-ca too"
-    else:  # TLS 1.3: the client's TLS handshake is over before the server has checked the client's certificate
-        why = f"stage {stage} most likely refused this node's certificate (not signed by its --tls-ca)"
-    return StageFailed(f"{exc} before its hello; {why}")
+        if await _speaks_tls(host, port, within):
+            return AuthError(f"stage {stage} at {name} runs with TLS and this node without it: give this node "
+                             f"--tls-cert/--tls-key/--tls-ca too, with a certificate signed by the stage's CA")
+        return StageFailed(f"{exc} before its hello")
+    # TLS 1.3: this end's handshake is over before the stage has checked this node's certificate. A stage that
+    # accepts it sends its session tickets at once, before anything else; one that refuses it hangs up without a
+    # word (asyncio drops the alert). So no ticket before the hang-up means: certificate refused.
+    session = ssl_object.session if isinstance(ssl_object, (ssl.SSLObject, ssl.SSLSocket)) else None
+    if session is not None and not session.has_ticket:
+        return AuthError(f"stage {stage} at {name} refused this node's TLS certificate: it is not signed by the CA "
+                         f"that stage trusts (its --tls-ca); give this node a certificate signed by that CA")
+    return StageFailed(f"{exc} before its hello")
+
+
+async def _speaks_tls(host: str, port: int, within: float) -> bool:
+    """Whether ``host:port`` answers a TLS handshake (a probe that sends no certificate and checks none)."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        async with timeout(within):
+            _, writer = await asyncio.open_connection(host, port, ssl=probe)
+    except (OSError, *TIMEOUT_ERRORS):  # ssl.SSLError is an OSError: a plain peer's answer is not a TLS record
+        return False
+    writer.transport.abort()
+    return True
 
 
 async def connect(host: str, port: int, *, hello: Hello, expect_index: int, secret: bytes | None,
@@ -360,13 +386,15 @@ async def connect(host: str, port: int, *, hello: Hello, expect_index: int, secr
     with _io_errors(f"cannot reach stage {expect_index} at {name}"):
         async with timeout(timeouts.connect):
             reader, writer = await asyncio.open_connection(host, port, ssl=tls.client if tls else None)
+    ssl_object = writer.get_extra_info("ssl_object")  # None on plain TCP; gone once the writer is closed
     try:
         _set_nodelay(writer)
         peer = await _handshake(reader, writer, hs, timeouts, name)
     except BaseException as exc:
         writer.close()  # flushes a refuse we may have queued, without awaiting under cancellation
         if isinstance(exc, StageFailed) and hs.state is HandshakeState.AWAIT_HELLO:
-            raise _closed_before_hello(exc, expect_index, tls) from exc
+            raise await _closed_before_hello(exc, host, port, expect_index, tls, ssl_object,
+                                             timeouts.handshake) from exc
         raise
     link = Link(reader, writer, peer=peer, limits=limits, timeouts=timeouts,
                 transport=network.transport(hello, peer), name=name)

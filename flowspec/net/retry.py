@@ -2,8 +2,8 @@
 
 Devices boot in any order (a Pi takes 30-60 s, a service manager restarts a node), so the head's first connect
 to a stage, every reconnect, and a stage's connect to its successor keep trying a peer that is unreachable.
-A peer that answers but is the wrong one (another model, split or format, a wrong secret, a wrong index) is
-refused at once: retrying cannot fix a peers file.
+A peer that answers but is the wrong one (another model, split or format, a wrong secret, a wrong index, a TLS
+mismatch) is refused at once: retrying cannot fix a peers file.
 """
 
 from __future__ import annotations

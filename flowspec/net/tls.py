@@ -63,6 +63,10 @@ class TlsConfig:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.check_hostname = False  # by IP on a LAN: the CA decides membership (module docstring)
         ctx.verify_mode = ssl.CERT_REQUIRED  # both ends: the server asks for the client's certificate
+        if server_side:
+            # (OpenSSL's default) sent once the client's certificate is accepted: a connecting node that sees the
+            # stage hang up with no ticket knows its certificate was refused (net/link.py, _closed_before_hello)
+            ctx.num_tickets = 2
         try:
             ctx.load_cert_chain(self.cert, self.key, password=self._no_password)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError

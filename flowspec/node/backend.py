@@ -96,6 +96,8 @@ class Backend:
                 done.set_result(job())
             except BaseException as exc:
                 done.set_exception(exc)
+            # not held while waiting for the next job: the last one's arguments (a request's KV cache) are freed
+            job = done = None
 
     def request_closed(self, req: int) -> None:
         """The node finished request ``req`` (a hook for per-request reports; nothing to do here)."""

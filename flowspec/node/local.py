@@ -3,13 +3,19 @@
 The stage processes never outlive this one: `stop()` (or the context manager) ends them; so does a finalizer when
 the cluster is garbage-collected or the interpreter exits without `stop()`; and when this process dies without
 running any Python (SIGKILL, `os._exit`), each stage sees its lifeline close and stops itself
-(flowspec.node.lifeline).
+(flowspec.node.lifeline). Its folder (peers file, stage logs) goes with it too; one left behind by a launcher that
+was SIGKILLed is removed by the next cluster started on this machine (the folder's name carries its launcher's pid).
+
+Stages run their module the way `python -m` does, but without the working folder on `sys.path` (`python_module`):
+a `random.py`, or any other standard library name, in the folder `flowspec run --local` was started from would
+otherwise shadow the real module in every stage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,8 +27,25 @@ from pathlib import Path
 from flowspec.config import Peers, read_peers
 from flowspec.errors import ConfigError, StageFailed
 from flowspec.node.lifeline import Lifeline
+from flowspec.store.shard import check_layer_counts
 
-__all__ = ["LocalCluster", "free_ports"]
+__all__ = ["LocalCluster", "free_ports", "python_module", "remove_stale_folders"]
+
+_FOLDER_PREFIX = "flowspec-local-"  # then the launcher's pid, a dash, and tempfile's random part
+
+# `python -m` puts the working folder first on sys.path; this drops it, then runs the module as -m would. Python
+# 3.11 has -P for that, 3.10 (JetPack 6) does not. PYTHONPATH entries stay, ahead of site-packages, so a checkout
+# named there is still the one that runs.
+_RUN_MODULE = """import sys
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+import runpy
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)"""
+
+
+def python_module(module: str) -> list[str]:
+    """The command that runs `python -m MODULE` in this interpreter, without the working folder on sys.path."""
+    return [sys.executable, "-c", _RUN_MODULE, module]
 
 
 def free_ports(n: int) -> list[int]:
@@ -49,9 +72,12 @@ class LocalCluster:
         the emulated testbed passes its own (flowspec.bench.node)."""
         if num_stages < 1:
             raise ConfigError(f"--stages must be >= 1, got {num_stages}")
+        if layers is not None:  # here, before they reach the peers file this writes (its errors name that file)
+            check_layer_counts(layers, num_stages)
         self.model, self.num_stages, self.cache_dir = model, num_stages, cache_dir
         self.secret, self.extra_args, self.threads, self.module = secret, extra_args or [], threads, module
-        self._dir = tempfile.TemporaryDirectory(prefix="flowspec-local-")
+        remove_stale_folders()
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-")
         ports = free_ports(num_stages + 1)
         lines = [f"127.0.0.1:{ports[0]}  # head (this process)"]
         for k in range(1, num_stages + 1):
@@ -67,7 +93,7 @@ class LocalCluster:
         self._finalizer = weakref.finalize(self, _stop, self.procs, self._lifeline, self._dir)
 
     def command(self, index: int) -> list[str]:
-        cmd = [sys.executable, "-m", self.module, "--peers", str(self.peers_path), "--index", str(index),
+        cmd = [*python_module(self.module), "--peers", str(self.peers_path), "--index", str(index),
                "--model", self.model, "--threads", str(self.threads), *self.extra_args]
         if self.cache_dir:
             cmd += ["--cache-dir", self.cache_dir]
@@ -133,6 +159,35 @@ class LocalCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         self.stop()
+
+
+def remove_stale_folders(parent: str | None = None) -> list[Path]:
+    """Remove the folders (in `parent`, default the temp folder) that clusters of this user left behind when their
+    launcher died without running Python (SIGKILL): those whose launcher pid, in the name, no longer runs. A
+    folder whose pid was reused by another process is kept, as is any that is not this user's. Returns them."""
+    if os.name != "posix":
+        return []
+    removed = []
+    for path in Path(parent or tempfile.gettempdir()).glob(f"{_FOLDER_PREFIX}*-*"):
+        pid = path.name[len(_FOLDER_PREFIX):].split("-", 1)[0]
+        try:
+            mine = path.lstat().st_uid == os.getuid() and path.is_dir() and not path.is_symlink()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _stop(procs: dict[int, subprocess.Popen[bytes]], lifeline: Lifeline,

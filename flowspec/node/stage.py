@@ -3,22 +3,29 @@
 Inbound: the head's control link (open, verdict, close; for V1 also prefill and segments) and the previous
 stage's ring link. Outbound: the next stage's ring link, or for the last stage the head's link. Verdicts are
 applied strictly in order between forwards; a segment waits only for the verdict it names (`after`).
+
+What heads can make a stage hold is bounded: at most `MAX_REQUESTS` open requests, all heads together, each with
+one KV cache of at most the model's context plus `_TREE_SLACK_MAX` slots, allocated at `open`. A request's cache
+and queued rows are dropped the moment it ends (closed, failed, or its head gone), and the C heap's free pages
+are handed back to the system then (`return_free_memory`), so the process's memory goes back down as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import structlog
 import torch
 
 from flowspec.compat import TIMEOUT_ERRORS, TaskGroup, timeout
-from flowspec.errors import FlowSpecError, PeerProtocolError
+from flowspec.errors import FlowSpecError, LocalProtocolError, PeerProtocolError
 from flowspec.model import KVCache, StageModel
 from flowspec.net import (
     Close,
@@ -57,7 +64,7 @@ _MAX_FINISHED = 1024  # ids of finished requests remembered, so their late ring 
 @dataclass
 class _Request:
     req: int
-    cache: KVCache
+    cache: KVCache | None  # None once the request is freed: its memory goes back at once
     head: Link
     tree: StageTree = field(default_factory=StageTree)
     verdicts: dict[int, Verdict] = field(default_factory=dict)
@@ -65,6 +72,12 @@ class _Request:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     busy: list[tuple[float, float, int]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+
+    @property
+    def kv(self) -> KVCache:
+        if self.cache is None:
+            raise LocalProtocolError(f"request {self.req} was freed")
+        return self.cache
 
 
 class _RingBroken(Exception):
@@ -232,12 +245,13 @@ class StageNode:
 
     def _close(self, req: int) -> None:
         r = self.requests.get(req)
+        kv_bytes = r.kv.nbytes if r is not None else 0
         self._take_orphans(req)
         self._free(req)  # before it opened here, too: drop what is still on its way
         if r is None:
             return
         stats = Stats(req, tuple(r.busy[-self.limits.max_list_len:]), weight_bytes=self.model.weight_bytes,
-                      kv_bytes=r.cache.nbytes, rss_bytes=resident_bytes())
+                      kv_bytes=kv_bytes, rss_bytes=resident_bytes())
         self._groups[r.head].create_task(self._send_quietly(r.head, stats), name=f"stage{self.index} stats")
         self.log.info("request.closed", req=req, steps=len(r.busy))
 
@@ -246,10 +260,17 @@ class StageNode:
         if len(self.finished) > _MAX_FINISHED:
             self.finished.popitem(last=False)
         r = self.requests.pop(req, None)
-        if r is not None and r.task is not None and r.task is not asyncio.current_task():
+        if r is None:
+            return
+        if r.task is not None and r.task is not asyncio.current_task():
             r.task.cancel()  # its group (the head link's on_link) awaits it
-        if r is not None:
-            self.backend.request_closed(req)
+        # Drop what it holds now, not when the garbage collector finds the cycle request -> task -> traceback ->
+        # request: the cache goes back at once (or when a forward still running on it ends), its rows too.
+        r.cache, r.task = None, None
+        r.ring.clear()
+        r.verdicts.clear()
+        self.backend.request_closed(req)
+        return_free_memory()
 
     async def _send_quietly(self, link: Link, msg: Message) -> None:
         try:
@@ -286,7 +307,7 @@ class StageNode:
         applied = False
         while (v := r.verdicts.pop(r.tree.applied + 1, None)) is not None:
             compaction = r.tree.apply_verdict(v.seq, v.commit.tolist(), v.root, v.watermark)
-            r.cache.compact(compaction.start, list(compaction.keep))
+            r.kv.compact(compaction.start, list(compaction.keep))
             applied = True
         return applied
 
@@ -329,8 +350,9 @@ class StageNode:
             raise PeerProtocolError("stage 1 takes token ids (int64)", code="dtype")
         if self.index > 1 and not x.is_floating_point():
             raise PeerProtocolError(f"stage {self.index} takes hidden states, got {x.dtype}", code="dtype")
-        work = Work(WorkKind.STAGE_FORWARD, rows=x.shape[0], context=r.cache.length)
-        hidden, start, end = await self.backend.run(work, self.model.forward, x, positions, r.cache, visible)
+        cache = r.kv
+        work = Work(WorkKind.STAGE_FORWARD, rows=x.shape[0], context=cache.length)
+        hidden, start, end = await self.backend.run(work, self.model.forward, x, positions, cache, visible)
         r.busy.append((start, end, step))
         return hidden
 
@@ -390,6 +412,29 @@ def resident_bytes() -> int:
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def return_free_memory() -> None:
+    """Hand the C heap's free pages back to the system. A large tensor's pages go back when it is freed, but the
+    smaller buffers of forwards (and caches under glibc's mmap threshold) stay resident in the heap unless it is
+    trimmed. A no-op without glibc."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _tensor_bytes(msg: Message) -> int:

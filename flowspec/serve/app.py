@@ -169,15 +169,10 @@ class Server:
         return await self._answer(request, gen, prompt, _Chat())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        gen = parse_completion(await _json(request, self.config.limits.max_body_bytes), self.config.limits)
+        gen = parse_completion(await _json(request, self.config.limits.max_body_bytes), self.config.limits,
+                               vocab_size=self.cluster.dep.config.vocab_size)
         self._check_model(gen)
-        if isinstance(gen.prompt, str):
-            prompt = self.cluster.encode(gen.prompt, chat=False)
-        else:
-            prompt = list(gen.prompt)
-            vocab = self.cluster.dep.config.vocab_size
-            if max(prompt) >= vocab:
-                raise ApiError(400, f"token id {max(prompt)} is past the vocabulary ({vocab})", param="prompt")
+        prompt = self.cluster.encode(gen.prompt, chat=False) if isinstance(gen.prompt, str) else list(gen.prompt)
         return await self._answer(request, gen, prompt, _Completion())
 
     def _check_model(self, gen: Generation) -> None:

@@ -114,22 +114,31 @@ def parse_chat(body: object, limits: Limits) -> Generation:
     return _generation(obj, limits, max_tokens, param, limits.default_max_tokens, messages=messages)
 
 
-def parse_completion(body: object, limits: Limits) -> Generation:
-    """A `POST /v1/completions` body: `prompt` is a string, a list of one string, or a list of token ids."""
+def parse_completion(body: object, limits: Limits, vocab_size: int | None = None) -> Generation:
+    """A `POST /v1/completions` body: `prompt` is a string, a list of one string, or a list of token ids (each in
+    0..vocab_size-1, when `vocab_size` is given; never negative)."""
     obj = _object(body)
     prompt = obj.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                   for t in prompt):
-        text: str | tuple[int, ...] = tuple(prompt)
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        text: str | tuple[int, ...] = _token_ids(prompt, vocab_size)
     elif isinstance(prompt, str) and prompt:
         text = prompt
-    elif isinstance(prompt, list) and len(prompt) > 1:
+    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
         raise ApiError(400, "one prompt per request (a batch of prompts is not supported)", param="prompt")
     else:
         raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids", param="prompt")
     return _generation(obj, limits, obj.get("max_tokens"), "max_tokens", 16, prompt=text)
+
+
+def _token_ids(ids: list[int], vocab_size: int | None) -> tuple[int, ...]:
+    for i, t in enumerate(ids):
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            allowed = f"0..{vocab_size - 1} (this model's vocabulary)" if vocab_size is not None else "0 or more"
+            raise ApiError(400, f"'prompt' token ids must be integers in {allowed}; prompt[{i}] is {t}",
+                           param="prompt")
+    return tuple(ids)
 
 
 def _object(body: object) -> Mapping[str, Any]:

@@ -29,6 +29,16 @@ WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 
 
+def check_layer_counts(layers: list[int], num_stages: int | None) -> None:
+    """The rules for an explicit `--layers` list that need no model: one count per stage, each at least 1."""
+    if num_stages is not None and num_stages != len(layers):
+        raise ConfigError(f"--stages {num_stages} but --layers has {len(layers)} numbers; give one per stage")
+    empty = [k for k, n in enumerate(layers, start=1) if n < 1]
+    if empty:
+        raise ConfigError(f"--layers {','.join(map(str, layers))}: stage {empty[0]} has no layers; every stage "
+                          "needs at least 1")
+
+
 def plan_layers(num_layers: int, layers: list[int] | None, num_stages: int | None, model: str) -> list[int]:
     """Layer counts per stage: explicit, or balanced with the extra layers on earlier stages."""
     if layers is None:
@@ -38,10 +48,7 @@ def plan_layers(num_layers: int, layers: list[int] | None, num_stages: int | Non
             raise ConfigError(f"{num_stages} stages but {model} has only {num_layers} layers; use at most {num_layers}")
         base, extra = divmod(num_layers, num_stages)
         return [base + (1 if i < extra else 0) for i in range(num_stages)]
-    if num_stages is not None and num_stages != len(layers):
-        raise ConfigError(f"--stages {num_stages} but --layers has {len(layers)} numbers; give one per stage")
-    if any(n < 1 for n in layers):
-        raise ConfigError(f"layers {','.join(map(str, layers))} has a stage with no layers; every stage needs >= 1")
+    check_layer_counts(layers, num_stages)
     if sum(layers) != num_layers:
         raise ConfigError(
             f"layers {','.join(map(str, layers))} sum to {sum(layers)} but {model} has {num_layers} layers; "

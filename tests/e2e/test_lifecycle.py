@@ -1,14 +1,18 @@
 """Request lifecycle over real stage processes: a killed stage fails the request with a clear error naming it
 (never a hang); a cancelled stream frees the request on every stage; `flowspec run --json` prints the documented
-rows; peers-file errors are line-numbered and `flowspec-node` exits non-zero on a bad one."""
+rows; peers-file errors are line-numbered and `flowspec-node` exits non-zero on a bad one; a bad `--layers` for
+`flowspec run --local` is one error line naming the flag, and a random.py in its working folder does not reach
+its stages."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +145,35 @@ def test_flowspec_node_rejects_a_bad_peers_file(tmp_path) -> None:  # type: igno
     missing = subprocess.run([str(ROOT / "bin/flowspec-node"), "--peers", str(tmp_path / "nope.txt"), "--index",
                               "1", "--model", SMOL], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "cannot read peers file" in missing.stderr, missing.stderr
+
+
+@pytest.mark.slow
+def test_run_local_ignores_modules_in_the_working_folder(tmp_path: Path) -> None:
+    """`python -m` puts the working folder first on sys.path: a random.py there must not reach the stages."""
+    script = Path(sys.executable).with_name("flowspec")  # the installed command: its sys.path[0] is its own folder
+    if not script.is_file():
+        pytest.skip("needs the installed `flowspec` command next to this interpreter")
+    (tmp_path / "random.py").write_text("raise ImportError('the random.py of the working folder was imported')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = subprocess.run([str(script), "run", "--local", "--stages", "1", "--model", SMOL, "--mode", "ar",
+                          "--prompt", "Hi", "--max-new-tokens", "3", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [row] = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    assert len(row["tokens"]) == 3, row
+
+
+@pytest.mark.parametrize(("layers", "says"), [
+    ("0,30", "--layers 0,30: stage 1 has no layers; every stage needs at least 1"),
+    ("30", "--stages 2 but --layers has 1 numbers; give one per stage"),
+])
+def test_run_local_names_the_layers_flag(layers: str, says: str) -> None:
+    cmd = [sys.executable, "-m", "flowspec", "run", "--local", "--stages", "2", "--layers", layers, "--model", SMOL,
+           "--prompt", "Hi", "--max-new-tokens", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out
+    assert out.stderr.strip().splitlines() == [f"flowspec run: error: {says}"], out.stderr
+    assert "peers.txt" not in out.stderr and "/tmp" not in out.stderr
 
 
 async def test_slow_drafter_load_keeps_the_links_up(stages: Stages, monkeypatch: pytest.MonkeyPatch) -> None:

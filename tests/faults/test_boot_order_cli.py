@@ -1,6 +1,7 @@
 """`flowspec run --peers` as a user runs it against flowspec-node processes: a stage that starts 5 s after the
-head is waited for (with a status line) and the answer is the fault-free one; requests that can never succeed
-and bad sampling flags end at once with one clear line."""
+head is waited for (with a status line) and the answer is the fault-free one; requests that can never succeed,
+a TLS mismatch with a stage (a plain head, a certificate the stage does not trust) and bad sampling flags end at
+once with one clear line."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from flowspec.api import Request
-from tests.faults.conftest import DRAFT, NEW, PROMPT, SMOL, Pipeline
+from flowspec.node.local import free_ports
+from tests.faults.conftest import DRAFT, NEW, PROMPT, SMOL, Pipeline, wait_listening
+from tests.net.tls_certs import make_ca, make_leaf
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +76,36 @@ def test_bad_sampling_flags_are_usage_errors(flag: str, value: str, expected: st
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert f"argument {flag}: " in run.stderr and expected in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("head_cert", ["none", "from another CA"])
+def test_a_tls_mismatch_ends_at_once_with_one_line(tmp_path: Path, head_cert: str) -> None:
+    """Not "waiting for stage 1" until the recovery timeout (set to ten minutes here): refused, saying what to do."""
+    ca, other = make_ca(tmp_path, "ca"), make_ca(tmp_path, "other-ca")
+    stage, stranger = make_leaf(tmp_path, "stage", ca), make_leaf(tmp_path, "stranger", other)
+    head_port, stage_port = free_ports(2)
+    peers = tmp_path / "peers.txt"
+    peers.write_text(f"127.0.0.1:{head_port}\n127.0.0.1:{stage_port}\n")
+    log = tmp_path / "stage.log"
+    with open(log, "wb") as out:
+        node = subprocess.Popen([sys.executable, "-m", "flowspec.cli.node", "--peers", str(peers), "--index", "1",
+                                 "--model", SMOL, "--tls-cert", str(stage.cert), "--tls-key", str(stage.key),
+                                 "--tls-ca", str(ca[0])], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_listening("127.0.0.1", stage_port, node, "stage 1", log)
+        tls = [] if head_cert == "none" else ["--tls-cert", str(stranger.cert), "--tls-key", str(stranger.key),
+                                              "--tls-ca", str(ca[0])]
+        run = subprocess.run([sys.executable, "-m", "flowspec", "run", "--peers", str(peers), "--model", SMOL,
+                              "--mode", "ar", "--prompt", "Hi", "--recovery-timeout", "600", *tls],
+                             capture_output=True, text=True, timeout=180, env={**os.environ, "FLOWSPEC_LOG": "warning"})
+    finally:
+        node.kill()
+        node.wait(timeout=10)
+    expected = {"none": "runs with TLS and this node without it: give this node --tls-cert/--tls-key/--tls-ca too",
+                "from another CA": "refused this node's TLS certificate: it is not signed by the CA that stage "
+                                   "trusts (its --tls-ca)"}[head_cert]
+    assert run.returncode == 2, run
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"flowspec run: error: stage 1 at 127.0.0.1:{stage_port} {expected}"), run.stderr
+    assert "waiting for stage" not in run.stderr and "Traceback" not in run.stderr

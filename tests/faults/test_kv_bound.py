@@ -1,23 +1,29 @@
 """A long generation keeps every stage's KV memory bounded by the context length: 2,000 tokens (EOS disabled)
 through three in-process stages of a tiny random-weight llama over real loopback sockets, flowspec mode with
 the target drafting for itself. Each stage's cache is allocated once at `open` (prompt + new tokens + the
-budget's tree slack), never grows, and the tree never holds more slots than it; nothing is left after close."""
+budget's tree slack), never grows, and the tree never holds more slots than it; nothing is left after close.
+
+And on a real stage process: a head opening as many requests as a stage admits, each with the largest cache it
+admits, cannot get more, and once they close the process's memory goes back down (it used to keep it all)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from flowspec.config import parse_peers
-from flowspec.net import Timeouts, serve
+from flowspec.net import Close, Error, Open, Prefill, Stats, Timeouts, connect, serve
 from flowspec.node.build import build_head, build_stage, deployment
 from flowspec.node.head import GenerationResult
-from flowspec.node.local import free_ports
+from flowspec.node.local import LocalCluster, free_ports
+from flowspec.node.stage import _TREE_SLACK_MAX, MAX_REQUESTS
 from flowspec.sched import Budget, Mode, SamplingParams
 from flowspec.store import make_drafter
+from tests.faults.conftest import SMOL, rss_mb
 
 NEW = 2000
 PROMPT = [5, 17, 3, 42, 8, 23, 61, 7, 11, 30]
@@ -114,3 +120,55 @@ async def test_long_generation_keeps_stage_kv_bounded(tmp_path: Path) -> None:
         out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=check, min_new_tokens=check,
                            do_sample=False, eos_token_id=None, pad_token_id=0)
     assert result.tokens[:check] == out[0, len(PROMPT):].tolist()
+
+
+@pytest.mark.slow
+async def test_a_stage_gives_back_the_memory_of_closed_requests() -> None:
+    layers = [2, 28]  # stage 1, the one measured, keeps its caches small enough for a shared test machine
+    dep = deployment(SMOL, 2, layers)
+    cfg = dep.config
+    largest = cfg.max_position_embeddings + _TREE_SLACK_MAX  # the largest cache a stage admits
+    cache_mb = 2 * layers[0] * cfg.num_kv_heads * cfg.head_dim * largest * 4 / 2**20  # k and v, fp32
+    # a slow open (zeroing the caches) must not look like a silent head to the stage
+    local = LocalCluster(SMOL, 2, layers, extra_args=["--heartbeat-timeout", "120"])
+    timeouts = Timeouts(heartbeat_timeout=120.0)
+    await local.start()
+    try:
+        pid = local.procs[1].pid
+        links = [await connect(p.host, p.port, hello=dep.hello("head", 0), expect_index=k, secret=None,
+                               limits=dep.limits(), timeouts=timeouts) for k, p in enumerate(local.peers.stages, 1)]
+        first, last = links
+        before = rss_mb(pid)
+        for cycle in range(2):  # a second round must not add to what the first one left
+            reqs = range(1 + 100 * cycle, 1 + 100 * cycle + MAX_REQUESTS)
+            for req in reqs:
+                await first.send(Open(req, largest))
+                await last.send(Open(req, 16))
+                await first.send(Prefill(req, 0, True, 0, torch.arange(8, dtype=torch.int64)))
+            for _ in reqs:
+                assert isinstance(await last.recv(120), Prefill)
+            held = rss_mb(pid)
+            assert held - before > 0.8 * MAX_REQUESTS * cache_mb, (before, held, cache_mb)  # the caches are real
+            await first.send(Open(900 + cycle, 16))  # one more than a stage serves
+            refused = await first.recv(60)
+            assert isinstance(refused, Error) and refused.code == "busy", refused
+            for req in reqs:
+                await first.send(Close(req))
+                await last.send(Close(req))
+            for _ in reqs:
+                assert isinstance(await first.recv(60), Stats)
+                assert isinstance(await last.recv(60), Stats)
+            after, deadline = rss_mb(pid), time.monotonic() + 10
+            while after - before > 100 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                after = rss_mb(pid)
+            print(f"\n[faults] stage 1 RSS {before:.0f} MB, {held:.0f} MB with {MAX_REQUESTS} requests of "
+                  f"{largest} slots ({cache_mb:.0f} MB each), {after:.0f} MB after they closed")
+            assert after - before < 100, f"RSS {before:.0f} -> {held:.0f} -> {after:.0f} MB after the closes"
+        await first.send(Open(1000, largest + 1))  # past the largest cache: refused, nothing allocated
+        refused = await first.recv(60)
+        assert isinstance(refused, Error) and refused.code == "limits", refused
+        for link in links:
+            await link.close()
+    finally:
+        local.stop()

@@ -2,7 +2,8 @@
 --local` sent SIGTERM or SIGKILL, an app that used `Cluster.start_local` and exited without `aclose()` (normally
 or by os._exit); each half of a stage's lifeline (its stdin pipe, Linux's parent-death signal) works alone. And a
 stage whose head vanished (SIGKILLed, or SIGSTOPped: its TCP connection silent but open) frees that head's
-requests within its heartbeat timeout.
+requests within its heartbeat timeout. The folder of a SIGKILLed launcher (peers file, stage logs) is removed by
+the next cluster started.
 
 Stage processes are found by their command line (`--parent-pid` names the launcher), so a failing test still
 kills what it started, and processes of other runs on this machine are never touched."""
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,6 +187,51 @@ def test_app_exiting_without_aclose_leaves_no_stage(smol: None, tmp_path: Path, 
         assert still_running(stages, proc.pid, 0.0 if how == "return" else GONE_WITHIN) == []
     finally:
         kill_left(proc, proc.pid if proc else None, stages)
+
+
+# -- the cluster's folder ------------------------------------------------------------------------------------
+HOLD_A_CLUSTER = """
+import sys, time
+from flowspec.node.local import LocalCluster
+
+local = LocalCluster("smollm2-135m", 1)
+print(local.peers_path.parent, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_sigkilled_launchers_folder_is_removed_by_the_next_cluster(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's clusters keep their folders here
+    env = child_env(TMPDIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD_A_CLUSTER], stdout=subprocess.PIPE, env=env,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        folders = []
+        for proc in procs:
+            assert proc.stdout is not None
+            folders.append(Path(proc.stdout.readline().decode().strip()))
+        killed, alive = folders
+        assert killed.parent == tmp_path and (killed / "peers.txt").is_file() and (alive / "peers.txt").is_file()
+        procs[0].kill()
+        procs[0].wait(timeout=10)
+        assert (killed / "peers.txt").is_file()  # SIGKILL: no finalizer ran
+        other = tmp_path / "flowspec-local-x1y2z3"  # not named by a launcher's pid: nobody knows whose
+        other.mkdir()
+        local = LocalCluster(SMOL, 1)
+        try:
+            assert not killed.exists(), "the SIGKILLed launcher's folder is still there"
+            assert (alive / "peers.txt").is_file() and other.is_dir()  # a running launcher's is kept
+            assert local.peers_path.parent.name.startswith(f"flowspec-local-{os.getpid()}-")
+        finally:
+            local.stop()
+        assert not local.peers_path.parent.exists()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 # -- each half of the lifeline alone ---------------------------------------------------------------------------

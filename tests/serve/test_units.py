@@ -69,6 +69,19 @@ def test_completion_prompts() -> None:
     assert exc.value.param == "echo"
 
 
+def test_token_id_prompts_out_of_range_say_so() -> None:
+    for ids, index, value, allowed in (([-1, 5], 0, -1, "0 or more"), ([3, 4, -7], 2, -7, "0 or more")):
+        with pytest.raises(ApiError, match=rf"'prompt' token ids must be integers in {allowed}; "
+                                           rf"prompt\[{index}\] is {value}") as exc:
+            parse_completion({"model": "m", "prompt": ids}, LIMITS)
+        assert exc.value.param == "prompt" and "batch" not in exc.value.message
+    with pytest.raises(ApiError, match=r"in 0\.\.99 \(this model's vocabulary\); prompt\[1\] is 100"):
+        parse_completion({"model": "m", "prompt": [5, 100]}, LIMITS, vocab_size=100)
+    assert parse_completion({"model": "m", "prompt": [0, 99]}, LIMITS, vocab_size=100).prompt == (0, 99)
+    with pytest.raises(ApiError, match="a batch of prompts is not supported"):
+        parse_completion({"model": "m", "prompt": [[1, 2], [3]]}, LIMITS)
+
+
 def test_text_stream_holds_back_half_characters_and_stop_strings() -> None:
     pieces = {1: "Hello", 2: " wor", 3: "ld", 4: "\ufffd", 5: "é", 6: " END", 7: " more"}
 
