@@ -366,7 +366,9 @@ async def _speaks_tls(host: str, port: int, within: float) -> bool:
     try:
         async with timeout(within):
             _, writer = await asyncio.open_connection(host, port, ssl=probe)
-    except (OSError, *TIMEOUT_ERRORS):  # ssl.SSLError is an OSError: a plain peer's answer is not a TLS record
+    except OSError:  # ssl.SSLError is one: a plain peer's answer is not a TLS record
+        return False
+    except TIMEOUT_ERRORS:
         return False
     writer.transport.abort()
     return True
