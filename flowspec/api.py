@@ -35,6 +35,7 @@ from flowspec.node.build import Deployment, build_head, deployment, device_for, 
 from flowspec.node.head import MAX_REQUESTS, GenerationResult, HeadNode
 from flowspec.node.local import LocalCluster
 from flowspec.sched import Budget, Mode, SamplingParams, choose_budget
+from flowspec.text import TextStream, chat_ids
 
 __all__ = ["Cluster", "GenerationResult", "Request", "WaitingCallback", "default_draft"]
 
@@ -181,11 +182,7 @@ class Cluster:
     def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of a conversation (`role`/`content` dicts) in the model's chat template, ready for the
         assistant's answer; without a template, the contents one per line."""
-        if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
-                                                     tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(self.tokenizer.encode("\n".join(m["content"] for m in messages)))
+        return chat_ids(self.tokenizer, messages)
 
     def budget(self, request: Request) -> Budget:
         """The request's tree budget: chosen from the pipeline's measured cost curves (flowspec.sched.costs),
@@ -232,22 +229,20 @@ class Cluster:
                     yield new
 
     async def stream(self, prompt: str | Sequence[int], request: Request | None = None,
-                     result: GenerationResult | None = None, chat: bool = True,
+                     result: GenerationResult | None = None, chat: bool = True, stop: Sequence[str] = (),
                      **kwargs: Any) -> AsyncGenerator[str, None]:
-        """Yield text as it is generated (keyword arguments are fields of `Request`)."""
+        """Yield text as it is generated (keyword arguments are fields of `Request`): whole characters only,
+        and with `stop` strings the answer ends before the first one (which is not shown)."""
         request = replace(request or Request(), **kwargs)
-        tokens: list[int] = []
-        shown = ""
+        text = TextStream(self.decode, stop)
         async with aclosing(self.stream_tokens(prompt, request, result, chat)) as stream:
             async for new in stream:
-                tokens.extend(new)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if text.endswith("\ufffd"):
-                    continue  # half a UTF-8 character: wait for the rest
-                if text.startswith(shown):
-                    delta, shown = text[len(shown):], text
-                    if delta:
-                        yield delta
+                if delta := text.feed(new):
+                    yield delta
+                if text.stopped:
+                    break  # closing the token stream ends the request on every stage
+        if rest := text.finish():
+            yield rest
 
     async def generate(self, prompt: str | Sequence[int], request: Request | None = None, chat: bool = True,
                        **kwargs: Any) -> GenerationResult:

@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"api", "node", "sched", "model", "store", "net", "config", "logging", "prompts", "bench", "serve"},
     "bench": {"api", "cli", "node", "sched", "model", "store", "net", "config", "logging", "prompts"},
 }
-BOTTOM = {"errors", "compat", "treemask"}
+BOTTOM = {"errors", "compat", "treemask", "text"}
 PRODUCT = ("sched", "model", "net", "node", "store")
 EMULATION_WORDS = ("profile", "dilation", "pacer", "shaper", "charge_bytes", "emulat")
 

@@ -25,6 +25,7 @@ from flowspec.bench.report import (
     summarize,
     summary_line,
 )
+from flowspec.text import chat_ids
 
 if TYPE_CHECKING:
     from flowspec.api import Cluster
@@ -391,9 +392,7 @@ class _HFRefs:
         """One reference request: its row of results.json."""
         import torch
 
-        ids = self.tok.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
-                                           tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = chat_ids(self.tok, [{"role": "user", "content": prompt.text}])
         inp = torch.tensor([ids])
         kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, do_sample=False,
                                   eos_token_id=self.eos or None, pad_token_id=(self.eos or [0])[0],

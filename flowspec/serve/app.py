@@ -38,7 +38,7 @@ from flowspec.errors import FlowSpecError, RequestRejected
 from flowspec.node.head import GenerationResult
 from flowspec.serve.metrics import CONTENT_TYPE, Finished, ServeMetrics
 from flowspec.serve.schema import ApiError, Generation, Limits, parse_chat, parse_completion
-from flowspec.serve.text import TextStream
+from flowspec.text import TextStream
 
 __all__ = ["ServeConfig", "Server"]
 

@@ -10,7 +10,7 @@ import pytest
 from flowspec.cli.serve import check_bind
 from flowspec.errors import ConfigError
 from flowspec.serve.schema import ApiError, Limits, parse_chat, parse_completion
-from flowspec.serve.text import TextStream
+from flowspec.text import TextStream
 
 LIMITS = Limits(max_messages=3, max_tokens=100, default_max_tokens=50)
 
@@ -80,6 +80,50 @@ def test_token_id_prompts_out_of_range_say_so() -> None:
     assert parse_completion({"model": "m", "prompt": [0, 99]}, LIMITS, vocab_size=100).prompt == (0, 99)
     with pytest.raises(ApiError, match="a batch of prompts is not supported"):
         parse_completion({"model": "m", "prompt": [[1, 2], [3]]}, LIMITS)
+
+
+async def test_the_library_streams_text_by_the_servers_rule() -> None:
+    """Cluster.stream and the HTTP server cut text with the one TextStream: whole characters, stop strings."""
+    from flowspec.api import Cluster
+
+    pieces = {1: "Hello", 2: " wor", 3: "ld", 4: "\ufffd", 5: "é", 6: " END", 7: " more"}
+    closed: list[bool] = []
+
+    def decode(tokens: list[int]) -> str:
+        return "".join(pieces[t] for t in tokens).replace("\ufffdé", "é")
+
+    async def stream_tokens(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        try:
+            for t in (1, 2, 3, 4, 5, 6, 7):
+                yield [t]
+        finally:
+            closed.append(True)
+
+    cluster = object.__new__(Cluster)
+    cluster.decode = decode  # type: ignore[method-assign]
+    cluster.stream_tokens = stream_tokens  # type: ignore[method-assign]
+    deltas = [d async for d in cluster.stream("x", stop=[" END"])]
+    assert "".join(deltas) == "Hello worldé" and not any(d.endswith("\ufffd") for d in deltas)
+    assert closed == [True]  # the request was ended at the stop string, not generated on
+    assert "".join([d async for d in cluster.stream("x")]) == "Hello worldé END more"
+
+
+def test_one_chat_template_rule() -> None:
+    from flowspec.text import chat_ids
+
+    class Templated:
+        chat_template = "t"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):  # type: ignore[no-untyped-def]
+            assert add_generation_prompt and tokenize
+            return {"input_ids": [len(m["content"]) for m in messages]}
+
+    class Plain:
+        def encode(self, text: str) -> list[int]:
+            return [ord(c) for c in text]
+
+    assert chat_ids(Templated(), [{"role": "user", "content": "abc"}]) == [3]
+    assert chat_ids(Plain(), [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == [97, 10, 98]
 
 
 def test_text_stream_holds_back_half_characters_and_stop_strings() -> None:

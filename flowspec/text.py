@@ -1,10 +1,22 @@
-"""Committed token ids in, text deltas out: whole characters only, cut before the first stop string."""
+"""Text and token ids at the edges, one rule each: a conversation into the chat template's ids, and committed
+ids back out as text deltas (whole characters only, cut before the first stop string). Used by the library
+(flowspec.api), the HTTP server and the bench's references alike; it needs only a tokenizer's methods."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-__all__ = ["TextStream"]
+__all__ = ["TextStream", "chat_ids"]
+
+
+def chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a conversation (`role`/`content` dicts) in the tokenizer's chat template, ready for the
+    assistant's answer; without a template, the contents one per line."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=True)
+        return [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+    return [int(i) for i in tokenizer.encode("\n".join(m["content"] for m in messages))]
 
 
 class TextStream:
