@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from flowspec.bounds import seconds
 from flowspec.config import Peers, load_secret, read_peers
 from flowspec.errors import ConfigError
 from flowspec.model import Drafter
@@ -85,6 +86,7 @@ class Cluster:
         options for every stage). Every stage and the head run on `device` in `dtype` with `quant` weights
         (see flowspec.model.precision). The processes end with `aclose()`, and never outlive this process: an app
         that exits without it (or dies) ends them too (flowspec.node.local). `max_requests`: see `connect`."""
+        _check_waits(step_timeout, recovery_timeout)  # before minutes of splitting and loading
         device = str(resolve_device(device))  # every part runs here: `auto` means this machine's GPU, if any
         formats = ["--device", device, "--dtype", dtype, "--quant", quant, "--group-size", str(group_size)]
         local = LocalCluster(model, stages, layers, cache_dir, extra_args=[*formats, *node_args])
@@ -122,7 +124,10 @@ class Cluster:
         signed every node's certificate); the stages must run with TLS too.
         `max_requests`: requests generated at once (up to a stage's limit, 8); more wait for a place. Requests
         in flight together interleave on the stages, and each produces what it would alone.
+        Durations are finite seconds up to a day (flowspec.bounds, as the CLI's flags): a nan, inf or negative
+        `recovery_timeout` or `step_timeout` (or `Timeouts` field) is a ConfigError before anything starts.
         """
+        _check_waits(step_timeout, recovery_timeout)
         parsed = peers if isinstance(peers, Peers) else read_peers(peers)
         precisions = precisions_for(parsed, dtype, quant, group_size, device)
         dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir, precisions, prepare=[0])
@@ -253,6 +258,13 @@ class Cluster:
 
     def decode(self, tokens: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+
+def _check_waits(step_timeout: float, recovery_timeout: float) -> None:
+    """The API's own durations meet the rule every --*-timeout flag does (flowspec.bounds); `Timeouts` checks
+    itself."""
+    seconds(step_timeout, "step_timeout")
+    seconds(recovery_timeout, "recovery_timeout", zero=True)
 
 
 def _eos_ids(folder: Path, tokenizer: Any, config_eos: Sequence[int]) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 
 
+def check_layer_count(num_stages: int, layers: Sequence[int]) -> None:
+    """An explicit split has one layer count per stage."""
+    if num_stages != len(layers):
+        raise ConfigError(f"--stages {num_stages} but --layers has {len(layers)} numbers; give one per stage")
+
+
 def plan_layers(num_layers: int, layers: list[int] | None, num_stages: int | None, model: str) -> list[int]:
     """Layer counts per stage: explicit, or balanced with the extra layers on earlier stages."""
     if layers is None:
@@ -39,8 +46,8 @@ def plan_layers(num_layers: int, layers: list[int] | None, num_stages: int | Non
             raise ConfigError(f"{num_stages} stages but {model} has only {num_layers} layers; use at most {num_layers}")
         base, extra = divmod(num_layers, num_stages)
         return [base + (1 if i < extra else 0) for i in range(num_stages)]
-    if num_stages is not None and num_stages != len(layers):
-        raise ConfigError(f"--stages {num_stages} but --layers has {len(layers)} numbers; give one per stage")
+    if num_stages is not None:
+        check_layer_count(num_stages, layers)
     if any(n < 1 for n in layers):
         raise ConfigError(f"layers {','.join(map(str, layers))} has a stage with no layers; every stage needs >= 1")
     if sum(layers) != num_layers:
