@@ -23,6 +23,7 @@ from flowspec.bench.report import (
     summary_line,
 )
 from flowspec.errors import ConfigError
+from flowspec.store.shard import check_layer_count
 
 if TYPE_CHECKING:
     from flowspec.bench.profiles import Profile
@@ -32,7 +33,17 @@ __all__ = ["add_bench_command", "bench_args", "bench_command", "run_bench"]
 
 
 def add_bench_command(sub: Any) -> None:
-    from flowspec.cli.options import add_budget_args, add_precision_args, positive_int
+    from flowspec.bounds import MAX_THREADS
+    from flowspec.cli.options import (
+        Number,
+        Numbers,
+        add_budget_args,
+        add_precision_args,
+        factor,
+        layer_counts,
+        positive_int,
+        stage_count,
+    )
 
     p = sub.add_parser("bench", help="benchmark decoding modes side by side on an emulated edge testbed",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
@@ -53,26 +64,27 @@ examples:
     p.add_argument("--modes", default="ar,chunk,pipedec,flowspec",
                    help="comma list of ar, chunk, pipedec, flowspec, and single-process references hf "
                         "(transformers generate) and hf-assisted (assisted generation with --draft)")
-    p.add_argument("--stages", type=positive_int, default=4)
-    p.add_argument("--layers", help="layers per stage, e.g. 8,8,7,7 (default balanced)")
+    p.add_argument("--stages", type=stage_count, default=4)
+    p.add_argument("--layers", type=layer_counts, help="layers per stage, e.g. 8,8,7,7 (default balanced)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--draft", help="draft for chunk/pipedec/flowspec/hf-assisted (default: the model's usual)")
     p.add_argument("--profile", help="device cost profile: jetson-7b, jetson-agx-7b, pi5-8b or a TOML file")
     p.add_argument("--link", help="every ring hop, e.g. 150mbit,1ms, 1gbit,0.2ms, gbe, paper-150")
-    p.add_argument("--dilation", type=float, help="time dilation D (default: calibrated with --margin)")
-    p.add_argument("--margin", type=float, default=1.3, help="calibration headroom: D = margin × worst ratio")
+    p.add_argument("--dilation", type=factor, help="time dilation D (default: calibrated with --margin)")
+    p.add_argument("--margin", type=factor, default=1.3, help="calibration headroom: D = margin × worst ratio")
     p.add_argument("--prompts", default="data/specbench", help="folder of Spec-Bench *.jsonl files")
     p.add_argument("--per-task", type=positive_int, default=1, help="prompts taken from each *.jsonl (default 1)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=Number(1, MAX_THREADS), default=1,
                    help="torch threads of the head (this process); stages use 1 each (default 1: on a small "
                         "machine shared by N+1 processes, more threads mostly spin)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--concurrency", help="instead of one request at a time: for each level, e.g. 1,2,4,8, that "
-                                         "many clients at once per mode (different prompts); writes "
-                                         "OUT/concurrency.json and .md with aggregate tokens/s and p50/p95 TTFT")
+    p.add_argument("--concurrency", type=Numbers(positive_int, "1,2,4,8"),
+                   help="instead of one request at a time: for each level, e.g. 1,2,4,8, that many clients at once "
+                        "per mode (different prompts); writes OUT/concurrency.json and .md with aggregate tokens/s "
+                        "and p50/p95 TTFT")
     add_precision_args(p)
     add_budget_args(p)
     p.set_defaults(handler=bench_command)
@@ -90,12 +102,9 @@ def bench_command(args: argparse.Namespace) -> int:
     bad = [m for m in modes if m not in PIPELINE_MODES + REFERENCE_MODES]
     if bad or not modes:
         raise ConfigError(f"unknown mode(s) {bad}: choose from {', '.join(PIPELINE_MODES + REFERENCE_MODES)}")
-    if args.stages < 1:
-        raise ConfigError("--stages must be >= 1")
-    if args.dilation is not None and args.dilation <= 0:
-        raise ConfigError("--dilation must be > 0")
+    if args.layers is not None:
+        check_layer_count(args.stages, args.layers)
     if args.concurrency:
-        _levels(args.concurrency)  # a bad value fails before anything starts
         if any(m in REFERENCE_MODES for m in modes):
             raise ConfigError("--concurrency runs the pipeline modes only; drop hf/hf-assisted from --modes")
     results = asyncio.run(run_bench(args, modes))
@@ -131,14 +140,14 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
     from flowspec.prompts import read_prompt_dir
     from flowspec.store import make_drafter
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = read_prompt_dir(args.prompts, args.per_task)
     pipeline = [m for m in modes if m in PIPELINE_MODES]
     refs = [m for m in modes if m in REFERENCE_MODES]
     overrides = budget_overrides(args)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    layers = args.layers
     draft = args.draft or default_draft(args.model)
     needs_draft = any(m not in ("ar", "hf") for m in modes)
     if needs_draft and draft is None:
@@ -198,7 +207,7 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                                              backend=head_backend,
                                              **{**formats(args), "device": device}) as cluster:
                 if args.concurrency:
-                    levels = _levels(args.concurrency)
+                    levels = args.concurrency
                     sweep = await _concurrency_sweep(cluster, pipeline, prompts, levels, args, overrides, dilation,
                                                      profile is not None)
                     (out / "concurrency.json").write_text(json.dumps(sweep, indent=1))
@@ -275,16 +284,6 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
                       f"{args.profile or 'real CPU'}, {args.link or 'loopback'}, D={dilation:g}, "
                       f"prompt {prompts[0].source}/{prompts[0].id}")
     return results
-
-
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--concurrency takes whole numbers, e.g. 1,2,4,8; got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise ConfigError(f"--concurrency levels must be >= 1, got {text!r}")
-    return levels
 
 
 async def _concurrency_sweep(cluster: Any, modes: list[str], prompts: list[Any], levels: list[int],

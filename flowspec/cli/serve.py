@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from flowspec.cli.options import (
+    Number,
     add_budget_args,
     add_pipeline_args,
     add_precision_args,
@@ -20,6 +21,8 @@ from flowspec.cli.options import (
     budget_overrides,
     check_pipeline_args,
     open_cluster,
+    port,
+    positive_int,
 )
 from flowspec.errors import ConfigError
 from flowspec.logging import configure_logging
@@ -51,17 +54,19 @@ examples:
 then, with the openai client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")""")
     add_pipeline_args(p, model_help="target model name or HF folder (and the served name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=port, default=8000,
+                   help="port to listen on, 1..65535 (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("FLOWSPEC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default $FLOWSPEC_API_KEY); needed off "
                         "loopback")
-    p.add_argument("--max-concurrent", type=int, default=4,
+    p.add_argument("--max-concurrent", type=Number(1, MAX_REQUESTS, note="a stage's limit"),
+                   default=4,
                    help=f"requests generated at once, 1..{MAX_REQUESTS} (a stage's limit); more get a 429 "
                         "(default 4)")
-    p.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens,
+    p.add_argument("--max-tokens", type=positive_int, default=_DEFAULTS.max_tokens,
                    help=f"the most max_tokens a request may ask for (default {_DEFAULTS.max_tokens})")
-    p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes,
-                   help=f"largest request body; larger gets a 413 (default {_DEFAULTS.max_body_bytes})")
+    p.add_argument("--max-body-bytes", type=Number(1024, 1 << 30), default=_DEFAULTS.max_body_bytes,
+                   help=f"largest request body, 1 KiB..1 GiB; larger gets a 413 (default {_DEFAULTS.max_body_bytes})")
     add_precision_args(p)
     add_tls_args(p)
     add_budget_args(p)
@@ -122,11 +127,6 @@ async def _serve(args: argparse.Namespace) -> int:
 def serve_command(args: argparse.Namespace) -> int:
     check_bind(args.host, args.api_key)
     check_pipeline_args(args)
-    if not 1 <= args.max_concurrent <= MAX_REQUESTS:
-        raise ConfigError(f"--max-concurrent must be 1..{MAX_REQUESTS} (a stage serves at most {MAX_REQUESTS} "
-                          "requests at once)")
-    if args.max_tokens < 1 or args.max_body_bytes < 1024:
-        raise ConfigError("--max-tokens must be >= 1 and --max-body-bytes >= 1024")
     if args.log is None and not os.environ.get("FLOWSPEC_LOG"):
         configure_logging("info")  # the access log: one JSON line per HTTP request
     install_uvloop()  # one loop for the head and HTTP
