@@ -24,7 +24,9 @@ from flowspec.cli.options import (
     Number,
     add_precision_args,
     add_tls_args,
+    check_can_listen,
     duration,
+    listen_error,
     stage_count,
     tls_config,
 )
@@ -87,6 +89,8 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
         raise ConfigError(f"refusing to listen on {me.address} without a shared secret: anyone on the LAN "
                           "could drive this stage. Set FLOWSPEC_SECRET (or --secret-file), give every node "
                           "TLS (--tls-cert/--tls-key/--tls-ca), or pass --insecure.")
+    change = "use another port on its line of the peers file" if not args.listen else "choose another --listen"
+    check_can_listen(me.host, me.port, change)  # now, not after loading the shard
     log = structlog.get_logger("flowspec.node").bind(stage=args.index)
     device = device_for(peers, args.index, args.device)
     precisions = precisions_for(peers, args.dtype, args.quant, args.group_size, args.device)
@@ -97,8 +101,12 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
     backend = make_backend(peers, args.index) if make_backend is not None else Backend()
     node = build_stage(dep, peers, args.index, secret, timeouts, backend=backend, device=device, tls=tls)
     await node.probe()
-    server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
-                         timeouts=timeouts, on_link=node.on_link, network=backend.network, tls=tls)
+    try:
+        server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
+                             timeouts=timeouts, on_link=node.on_link, network=backend.network, tls=tls)
+    except OSError as exc:  # taken while the shard loaded: check_can_listen found it free
+        await node.aclose()
+        raise ConfigError(listen_error(me.host, me.port, exc, change)) from None
     precision = precisions[args.index]
     log.info("node.ready", address=me.address, layers=dep.counts[args.index - 1], model=args.model,
              device=str(device), precision=precision.tag, tls=tls is not None)

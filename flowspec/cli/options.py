@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +17,8 @@ if TYPE_CHECKING:
     from flowspec.prompts import Prompt
 
 __all__ = ["Number", "Numbers", "WaitStatus", "add_budget_args", "add_pipeline_args", "add_precision_args",
-           "add_sampling_args", "add_tls_args", "budget_overrides", "check_pipeline_args", "count0",
-           "duration", "factor", "formats", "layer_counts", "open_cluster", "port", "positive_int",
+           "add_sampling_args", "add_tls_args", "budget_overrides", "check_can_listen", "check_pipeline_args", "count0",
+           "duration", "factor", "formats", "layer_counts", "listen_error", "open_cluster", "port", "positive_int",
            "reach", "result_row", "seed", "stage_count", "tls_config", "wait_duration"]
 
 
@@ -285,3 +287,40 @@ async def open_cluster(args: argparse.Namespace, **extra: Any) -> Cluster:
                                      on_waiting=status, tls=tls_config(args), **common)
     finally:
         status.done()
+
+
+def check_can_listen(host: str, port: int, what_to_change: str) -> None:
+    """Bind-test host:port now, so that a port in use or a host name that does not resolve is one line before the
+    model loads (seconds to minutes), not a traceback after it. The server binds it again when it starts (a race
+    lost meanwhile is `listen_error`'s line too)."""
+    from flowspec.errors import ConfigError
+    from flowspec.net.link import format_address
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {format_address(host, port)}: the name {host!r} does not resolve "
+                          f"here ({getattr(exc, 'strerror', None) or exc}); give an address of this machine") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's and aiohttp's servers do
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                raise ConfigError(listen_error(host, port, exc, what_to_change)) from None
+
+
+def listen_error(host: str, port: int, exc: OSError, what_to_change: str) -> str:
+    """One line for a server that cannot bind host:port, saying what to do."""
+    from flowspec.net.link import format_address
+
+    where = f"cannot listen on {format_address(host, port)}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the address is already in use (another flowspec process?); stop it or {what_to_change}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this machine"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges); {what_to_change}"
+    return f"{where}: {exc.strerror or exc}"

@@ -19,7 +19,9 @@ from flowspec.cli.options import (
     add_precision_args,
     add_tls_args,
     budget_overrides,
+    check_can_listen,
     check_pipeline_args,
+    listen_error,
     open_cluster,
     port,
     positive_int,
@@ -55,7 +57,7 @@ then, with the openai client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_k
     add_pipeline_args(p, model_help="target model name or HF folder (and the served name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=port, default=8000,
-                   help="port to listen on, 1..65535 (default 8000)")
+                   help="port to listen on, 1..65535 (default 8000); checked free before the model loads")
     p.add_argument("--api-key", default=os.environ.get("FLOWSPEC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default $FLOWSPEC_API_KEY); needed off "
                         "loopback")
@@ -108,7 +110,10 @@ async def _serve(args: argparse.Namespace) -> int:
         await runner.setup()
         try:
             site = web.TCPSite(runner, args.host, args.port)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:  # taken while the model loaded: check_can_listen found it free
+                raise ConfigError(listen_error(args.host, args.port, exc, "choose another --port")) from None
             print(f"flowspec serve: {args.model} ({args.mode}, {cluster.head.num_stages} stages) on "
                   f"http://{args.host}:{args.port}/ (OpenAI base_url http://{args.host}:{args.port}/v1)",
                   flush=True)
@@ -127,6 +132,7 @@ async def _serve(args: argparse.Namespace) -> int:
 def serve_command(args: argparse.Namespace) -> int:
     check_bind(args.host, args.api_key)
     check_pipeline_args(args)
+    check_can_listen(args.host, args.port, "choose another --port")  # now, not after loading the model
     if args.log is None and not os.environ.get("FLOWSPEC_LOG"):
         configure_logging("info")  # the access log: one JSON line per HTTP request
     install_uvloop()  # one loop for the head and HTTP
