@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from flowspec.bounds import seconds
 from flowspec.compat import BaseExceptionGroup, add_note
 from flowspec.config import Peers, load_secret, read_peers
 from flowspec.errors import ConfigError, FlowSpecError, RequestCancelled
@@ -88,6 +89,7 @@ class Cluster:
         options for every stage). Every stage and the head run on `device` in `dtype` with `quant` weights
         (see flowspec.model.precision). The processes end with `aclose()`, and never outlive this process: an app
         that exits without it (or dies) ends them too (flowspec.node.local). `max_requests`: see `connect`."""
+        _check_waits(step_timeout, recovery_timeout)  # before minutes of splitting and loading
         device = str(resolve_device(device))  # every part runs here: `auto` means this machine's GPU, if any
         formats = ["--device", device, "--dtype", dtype, "--quant", quant, "--group-size", str(group_size)]
         local = LocalCluster(model, stages, layers, cache_dir, extra_args=[*formats, *node_args])
@@ -125,7 +127,10 @@ class Cluster:
         signed every node's certificate); the stages must run with TLS too.
         `max_requests`: requests generated at once (up to a stage's limit, 8); more wait for a place. Requests
         in flight together interleave on the stages, and each produces what it would alone.
+        Durations are finite seconds up to a day (flowspec.bounds, as the CLI's flags): a nan, inf or negative
+        `recovery_timeout` or `step_timeout` (or `Timeouts` field) is a ConfigError before anything starts.
         """
+        _check_waits(step_timeout, recovery_timeout)
         parsed = peers if isinstance(peers, Peers) else read_peers(peers)
         precisions = precisions_for(parsed, dtype, quant, group_size, device)
         dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir, precisions, prepare=[0])
@@ -289,6 +294,11 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
             yield from _leaves(exc)
         else:
             yield exc
+def _check_waits(step_timeout: float, recovery_timeout: float) -> None:
+    """The API's own durations meet the rule every --*-timeout flag does (flowspec.bounds); `Timeouts` checks
+    itself."""
+    seconds(step_timeout, "step_timeout")
+    seconds(recovery_timeout, "recovery_timeout", zero=True)
 
 
 def _eos_ids(folder: Path, tokenizer: Any, config_eos: Sequence[int]) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from flowspec.errors import ConfigError
 from flowspec.net.link import format_address
 
-__all__ = ["Peer", "Peers", "load_secret", "parse_peers", "read_peers", "split_address"]
+__all__ = ["Peer", "Peers", "load_secret", "parse_peers", "read_peers", "read_text_file", "split_address"]
 
 _OPTIONS = ("layers", "standby", "device", "dtype", "quant")
 _CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "quant": ("none", "int8", "int4")}
@@ -156,11 +156,18 @@ def _resolved(host: str) -> set[str]:
 
 def read_peers(path: str | os.PathLike[str]) -> Peers:
     p = Path(path)
+    return parse_peers(read_text_file(p, "peers file"), str(p))
+
+
+def read_text_file(path: str | os.PathLike[str], what: str) -> str:
+    """A UTF-8 text file the user named (a peers file, a prompt file), or one ConfigError saying why not."""
     try:
-        text = p.read_text()
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read peers file {p}: {exc.strerror or exc}") from exc
-    return parse_peers(text, str(p))
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                          "save it as UTF-8") from exc
 
 
 def load_secret(secret_file: str | None = None) -> bytes | None:

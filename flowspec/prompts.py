@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowspec.config import read_text_file
 from flowspec.errors import ConfigError
 
 __all__ = ["Prompt", "read_prompt_dir", "read_prompt_file"]
@@ -22,10 +23,7 @@ class Prompt:
 
 def read_prompt_file(path: str | os.PathLike[str], limit: int | None = None) -> list[Prompt]:
     p = Path(path)
-    try:
-        lines = p.read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read prompt file {p}: {exc.strerror or exc}") from exc
+    lines = read_text_file(p, "prompt file").splitlines()
     prompts: list[Prompt] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -51,4 +49,7 @@ def read_prompt_dir(path: str | os.PathLike[str], per_task: int | None = None) -
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         raise ConfigError(f"{folder} holds no *.jsonl prompt files")
-    return [prompt for f in files for prompt in read_prompt_file(f, per_task)]
+    prompts = [prompt for f in files for prompt in read_prompt_file(f, per_task)]
+    if not prompts:
+        raise ConfigError(f"the *.jsonl files in {folder} hold no prompts: nothing to do")
+    return prompts

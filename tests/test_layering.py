@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "flowspec"
 
-# room -> the flowspec rooms it may import (besides itself and the shared bottom: errors, compat, treemask)
+# room -> the flowspec rooms it may import (besides itself and the shared bottom: errors, compat, treemask, bounds)
 ALLOWED: dict[str, set[str]] = {
     "sched": set(),
     "model": set(),
@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"api", "node", "sched", "model", "store", "net", "config", "logging", "prompts", "bench", "serve"},
     "bench": {"api", "cli", "node", "sched", "model", "store", "net", "config", "logging", "prompts"},
 }
-BOTTOM = {"errors", "compat", "treemask", "text"}
+BOTTOM = {"errors", "compat", "treemask", "text", "bounds"}
 PRODUCT = ("sched", "model", "net", "node", "store")
 EMULATION_WORDS = ("profile", "dilation", "pacer", "shaper", "charge_bytes", "emulat")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flowspec.api import Cluster, Request
+from flowspec.cli import options
 from flowspec.compat import TIMEOUT_ERRORS
 from flowspec.errors import FlowSpecError
 from flowspec.net import Timeouts
@@ -394,12 +395,15 @@ def markdown(report: Report) -> str:
 def add_chaos_command(sub: Any) -> None:
     p = sub.add_parser("chaos", help="inject a seeded series of faults into a local pipeline and count outcomes",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--faults", type=int, default=200, help="inject at least this many faults (default 200)")
-    p.add_argument("--seed", type=int, default=1, help="the fault schedule's seed (default 1)")
-    p.add_argument("--stages", type=int, default=3, help="local SmolLM2 stage processes (default 3)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--heartbeat-timeout", type=float, default=3.0)
-    p.add_argument("--recovery-timeout", type=float, default=15.0)
+    p.add_argument("--faults", type=options.positive_int, default=200,
+                   help="inject at least this many faults (default 200)")
+    p.add_argument("--seed", type=options.seed, default=1, help="the fault schedule's seed (default 1)")
+    p.add_argument("--stages", type=options.stage_count, default=3, help="local SmolLM2 stage processes (default 3)")
+    p.add_argument("--max-new-tokens", type=options.positive_int, default=24)
+    p.add_argument("--heartbeat-timeout", type=options.duration, default=3.0,
+                   help="seconds of silence before a stage is declared dead (default 3)")
+    p.add_argument("--recovery-timeout", type=options.wait_duration, default=15.0,
+                   help="seconds to wait for a lost stage before its request fails (default 15)")
     p.add_argument("--out", help="folder for chaos.json and chaos.md")
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
     p.set_defaults(handler=chaos_command)

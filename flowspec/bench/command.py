@@ -41,7 +41,17 @@ __all__ = ["BenchPlan", "Testbed", "add_bench_command", "bench_args", "bench_com
 
 
 def add_bench_command(sub: Any) -> None:
-    from flowspec.cli.options import add_budget_args, add_precision_args, positive_int
+    from flowspec.bounds import MAX_THREADS
+    from flowspec.cli.options import (
+        Number,
+        Numbers,
+        add_budget_args,
+        add_precision_args,
+        factor,
+        layer_counts,
+        positive_int,
+        stage_count,
+    )
 
     p = sub.add_parser("bench", help="benchmark decoding modes side by side on an emulated edge testbed",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
@@ -62,26 +72,27 @@ examples:
     p.add_argument("--modes", default="ar,chunk,pipedec,flowspec",
                    help="comma list of ar, chunk, pipedec, flowspec, and single-process references hf "
                         "(transformers generate) and hf-assisted (assisted generation with --draft)")
-    p.add_argument("--stages", type=positive_int, default=4)
-    p.add_argument("--layers", help="layers per stage, e.g. 8,8,7,7 (default balanced)")
+    p.add_argument("--stages", type=stage_count, default=4)
+    p.add_argument("--layers", type=layer_counts, help="layers per stage, e.g. 8,8,7,7 (default balanced)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--draft", help="draft for chunk/pipedec/flowspec/hf-assisted (default: the model's usual)")
     p.add_argument("--profile", help="device cost profile: jetson-7b, jetson-agx-7b, pi5-8b or a TOML file")
     p.add_argument("--link", help="every ring hop, e.g. 150mbit,1ms, 1gbit,0.2ms, gbe, paper-150")
-    p.add_argument("--dilation", type=float, help="time dilation D (default: calibrated with --margin)")
-    p.add_argument("--margin", type=float, default=1.3, help="calibration headroom: D = margin × worst ratio")
+    p.add_argument("--dilation", type=factor, help="time dilation D (default: calibrated with --margin)")
+    p.add_argument("--margin", type=factor, default=1.3, help="calibration headroom: D = margin × worst ratio")
     p.add_argument("--prompts", default="data/specbench", help="folder of Spec-Bench *.jsonl files")
     p.add_argument("--per-task", type=positive_int, default=1, help="prompts taken from each *.jsonl (default 1)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=Number(1, MAX_THREADS), default=1,
                    help="torch threads of the head (this process); stages use 1 each (default 1: on a small "
                         "machine shared by N+1 processes, more threads mostly spin)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--concurrency", help="instead of one request at a time: for each level, e.g. 1,2,4,8, that "
-                                         "many clients at once per mode (different prompts); writes "
-                                         "OUT/concurrency.json and .md with aggregate tokens/s and p50/p95 TTFT")
+    p.add_argument("--concurrency", type=Numbers(positive_int, "1,2,4,8"),
+                   help="instead of one request at a time: for each level, e.g. 1,2,4,8, that many clients at once "
+                        "per mode (different prompts); writes OUT/concurrency.json and .md with aggregate tokens/s "
+                        "and p50/p95 TTFT")
     add_precision_args(p)
     add_budget_args(p)
     p.set_defaults(handler=bench_command)

@@ -15,6 +15,7 @@ from flowspec.bench.profiles import load_profile
 from flowspec.bench.shaping import LinkShape
 from flowspec.bench.testbed import EmulatedBackend
 from flowspec.cli.node import node_parser, run_stage
+from flowspec.cli.options import factor
 from flowspec.config import Peers
 from flowspec.node.backend import Backend
 
@@ -37,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("emulation")
     g.add_argument("--profile", required=True, help="device cost profile: jetson-7b, pi5-8b, ... or a TOML file")
     g.add_argument("--link", help="shape the outgoing ring hop, e.g. 150mbit,1ms or gbe")
-    g.add_argument("--dilation", type=float, default=1.0, help="time dilation D for --profile and --link")
+    g.add_argument("--dilation", type=factor, default=1.0, help="time dilation D for --profile and --link")
     g.add_argument("--stats-file", help="append one JSON line per closed request (overruns, ring bytes); "
                    "'{index}' in the path becomes the stage index")
     return p

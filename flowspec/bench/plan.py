@@ -72,11 +72,7 @@ class BenchPlan:
         bad = [m for m in modes if m not in PIPELINE_MODES + REFERENCE_MODES]
         if bad or not modes:
             raise ConfigError(f"unknown mode(s) {bad}: choose from {', '.join(PIPELINE_MODES + REFERENCE_MODES)}")
-        if args.stages < 1:
-            raise ConfigError("--stages must be >= 1")
-        if args.dilation is not None and args.dilation <= 0:
-            raise ConfigError("--dilation must be > 0")
-        levels = _levels(args.concurrency) if args.concurrency else ()
+        levels = args.concurrency or ()  # --stages, --dilation, --layers, --concurrency: checked as parsed
         if levels and any(m in REFERENCE_MODES for m in modes):
             raise ConfigError("--concurrency runs the pipeline modes only; drop hf/hf-assisted from --modes")
         prompts = tuple(read_prompt_dir(args.prompts, args.per_task))
@@ -94,7 +90,7 @@ class BenchPlan:
         return cls(
             modes=modes, model=args.model, draft_arg=args.draft,
             draft=spec, stages=args.stages,
-            layers=_layers(args.layers), profile_arg=args.profile,
+            layers=args.layers, profile_arg=args.profile,
             profile=load_profile(args.profile) if args.profile else None, link_arg=args.link,
             link=LinkShape.parse(args.link) if args.link else None, dilation=args.dilation, margin=args.margin,
             prompts_dir=args.prompts, per_task=args.per_task, prompts=prompts, max_new_tokens=args.max_new_tokens,
@@ -156,22 +152,3 @@ class BenchPlan:
         chunks = -(-longest // PREFILL_CHUNK)
         prefill = self.profile.stage_cost(PREFILL_CHUNK, longest) * dilation * (chunks + self.stages)
         return max(60.0, 10 * dilation, 2 * prefill)
-
-
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--concurrency takes whole numbers, e.g. 1,2,4,8; got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise ConfigError(f"--concurrency levels must be >= 1, got {text!r}")
-    return levels
-
-
-def _layers(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--layers takes whole numbers per stage, e.g. 8,8,7,7; got {text!r}") from None

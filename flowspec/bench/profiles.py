@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from flowspec.config import read_text_file
 from flowspec.errors import ConfigError
 from flowspec.net import Message, Prefill, Segment
 from flowspec.sched.costs import CostModel, Line
@@ -192,7 +193,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
     if not Path(path).is_file():
         raise ConfigError(f"unknown device profile {spec!r}: use one of {', '.join(sorted(builtins))} or a "
                           "TOML file (see flowspec/bench/profiles.toml for the format)")
-    found = read_profiles(Path(path).read_text(), path)
+    found = read_profiles(read_text_file(path, "profile file"), path)
     if name:
         if name not in found:
             raise ConfigError(f"{path} has no profile {name!r} (it has {', '.join(sorted(found))})")

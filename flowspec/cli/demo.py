@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flowspec.api import Cluster, Request
-from flowspec.cli.options import add_precision_args, formats, positive_int
+from flowspec.cli.options import add_precision_args, formats, positive_int, stage_count
 from flowspec.node.head import GenerationResult
 
 __all__ = ["add_demo_command"]
@@ -35,7 +35,7 @@ def add_demo_command(sub: Any) -> None:
                                    "testbed and print their emulated speeds side by side.")
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--draft", default=None, help="default: qwen2.5-coder-0.5b for the Qwen target")
-    p.add_argument("--stages", type=positive_int, default=4)
+    p.add_argument("--stages", type=stage_count, default=4)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--cache-dir")

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from flowspec.cli.options import add_precision_args
+from flowspec.cli.options import add_precision_args, layer_counts, positive_int, stage_count
 from flowspec.errors import FlowSpecError
 from flowspec.store.registry import REGISTRY, cache_dir, list_models
 
@@ -50,15 +50,6 @@ def _list(args: argparse.Namespace) -> int:
         state = f"{int(str(m['bytes'])) / 1e6:8.0f} MB  {m['path']}" if m["installed"] else "   not pulled"
         print(f"  {m['name']:<20} {state}")
     return 0
-
-
-def _parse_layers(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {text!r}: give comma-separated integers like 8,8,7,7") from None
 
 
 def _split(args: argparse.Namespace) -> int:
@@ -122,12 +113,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sp.add_argument("model", help="a pulled model name or a path to an HF folder (config.json + *.safetensors)")
-    sp.add_argument("--stages", type=int, help="number of layer stages N (balanced unless --layers is given)")
-    sp.add_argument("--layers", type=_parse_layers, help="layers per stage, e.g. 8,8,7,7 (must sum to the model's)")
+    sp.add_argument("--stages", type=stage_count, help="number of layer stages N (balanced unless --layers is given)")
+    sp.add_argument("--layers", type=layer_counts, help="layers per stage, e.g. 8,8,7,7 (must sum to the model's)")
     sp.add_argument("--out", help="output folder (default: in the cache)")
     sp.add_argument("--plan", action="store_true",
                     help="only print each stage's weight and KV-cache bytes (what fits on which device); write nothing")
-    sp.add_argument("--context", type=int, help="tokens of context for the KV estimate (default: the model's maximum)")
+    sp.add_argument("--context", type=positive_int,
+                    help="tokens of context for the KV estimate (default: the model's maximum)")
     sp.add_argument("--cache-dir", help=CACHE_HELP)
     add_precision_args(sp, device=False)
     sp.set_defaults(handler=_guarded(_split))

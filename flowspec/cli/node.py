@@ -19,7 +19,17 @@ from collections.abc import Callable
 
 import structlog
 
-from flowspec.cli.options import add_precision_args, add_tls_args, tls_config
+from flowspec.bounds import MAX_PID, MAX_THREADS
+from flowspec.cli.options import (
+    Number,
+    add_precision_args,
+    add_tls_args,
+    check_can_listen,
+    duration,
+    listen_error,
+    stage_count,
+    tls_config,
+)
 from flowspec.config import Peer, Peers, read_peers, split_address
 from flowspec.errors import ConfigError, FlowSpecError
 from flowspec.logging import configure_logging
@@ -34,7 +44,8 @@ def node_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowspec-node", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", required=True, help="peers file: host:port per line, head first, '#' comments")
-    p.add_argument("--index", type=int, required=True, help="which stage this is: 1..N (line N+1 of the file)")
+    p.add_argument("--index", type=stage_count, required=True,
+                   help="which stage this is: 1..N (line N+1 of the file)")
     p.add_argument("--model", required=True, help="model name (see `flowspec models list`) or an HF folder")
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
     p.add_argument("--secret-file", help="file holding the shared secret (else $FLOWSPEC_SECRET)")
@@ -42,10 +53,13 @@ def node_parser() -> argparse.ArgumentParser:
                                     "listed as standby=host:port on that line)")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without a shared secret or TLS")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a peer is dead")
-    p.add_argument("--parent-pid", type=int, help="stop when this process's parent, PID, exits, and when stdin (a "
-                   "pipe from it) reaches end-of-file; for launchers (flowspec run --local, Cluster.start_local)")
+    p.add_argument("--threads", type=Number(0, MAX_THREADS, note="0 = torch's choice"), default=0,
+                   help="torch threads (default 0: torch's choice)")
+    p.add_argument("--heartbeat-timeout", type=duration, default=5.0,
+                   help="seconds of silence before a peer is dead (default 5)")
+    p.add_argument("--parent-pid", type=Number(1, MAX_PID),
+                   help="stop when this process's parent, PID, exits, and when stdin (a pipe from it) reaches "
+                        "end-of-file; for launchers (flowspec run --local, Cluster.start_local)")
     add_precision_args(p)
     add_tls_args(p)
     return p
@@ -75,20 +89,24 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
         raise ConfigError(f"refusing to listen on {me.address} without a shared secret: anyone on the LAN "
                           "could drive this stage. Set FLOWSPEC_SECRET (or --secret-file), give every node "
                           "TLS (--tls-cert/--tls-key/--tls-ca), or pass --insecure.")
+    change = "use another port on its line of the peers file" if not args.listen else "choose another --listen"
+    check_can_listen(me.host, me.port, change)  # now, not after loading the shard
     log = structlog.get_logger("flowspec.node").bind(stage=args.index)
     device = device_for(peers, args.index, args.device)
     precisions = precisions_for(peers, args.dtype, args.quant, args.group_size, args.device)
     dep = deployment(args.model, peers.num_stages, peers.layers, args.cache_dir, precisions, prepare=[args.index])
-    if args.heartbeat_timeout <= 0:
-        raise ConfigError(f"--heartbeat-timeout must be > 0, got {args.heartbeat_timeout}")
     # ping at least 4 times per timeout, so that a short timeout does not fire on a healthy peer
     timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
                         heartbeat_timeout=args.heartbeat_timeout)
     backend = make_backend(peers, args.index) if make_backend is not None else Backend()
     node = build_stage(dep, peers, args.index, secret, timeouts, backend=backend, device=device, tls=tls)
     await node.probe()
-    server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
-                         timeouts=timeouts, on_link=node.on_link, network=backend.network, tls=tls)
+    try:
+        server = await serve(me.host, me.port, hello=node.hello, secret=secret, limits=node.limits,
+                             timeouts=timeouts, on_link=node.on_link, network=backend.network, tls=tls)
+    except OSError as exc:  # taken while the shard loaded: check_can_listen found it free
+        await node.aclose()
+        raise ConfigError(listen_error(me.host, me.port, exc, change)) from None
     precision = precisions[args.index]
     log.info("node.ready", address=me.address, layers=dep.counts[args.index - 1], model=args.model,
              device=str(device), precision=precision.tag, tls=tls is not None)

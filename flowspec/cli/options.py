@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from flowspec.bounds import MAX_COUNT, MAX_SECONDS, MAX_STAGES, problem
 
 if TYPE_CHECKING:
     from flowspec.api import Cluster
@@ -12,42 +18,73 @@ if TYPE_CHECKING:
     from flowspec.node.head import GenerationResult
     from flowspec.prompts import Prompt
 
-__all__ = ["add_budget_args", "add_pipeline_args", "add_precision_args", "add_sampling_args", "add_tls_args",
-           "budget_overrides", "check_pipeline_args", "formats", "open_cluster", "positive_int", "result_row",
-           "tls_config", "WaitStatus"]
+__all__ = ["Number", "Numbers", "WaitStatus", "add_budget_args", "add_pipeline_args", "add_precision_args",
+           "add_sampling_args", "add_tls_args", "budget_overrides", "check_can_listen", "check_pipeline_args", "count0",
+           "duration", "factor", "formats", "layer_counts", "listen_error", "open_cluster", "port", "positive_int",
+           "reach", "result_row", "seed", "stage_count", "tls_config", "wait_duration"]
 
 
-# Argument types: a bad value is a one-line usage error from argparse, before anything starts or connects.
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+# Argument types: every numeric flag of every command takes one of these (tests/cli/test_numeric_flags.py feeds each
+# nan, inf, -1, 0 and 1e30). A bad value is a one-line usage error from argparse, before anything starts or
+# connects; the rule itself is flowspec.bounds', which the library's arguments meet too.
+class Number:
+    """An argparse type: a number in [low, high] (flowspec.bounds.problem); `note` says what an edge value
+    means ("0 = off")."""
+
+    def __init__(self, low: float, high: float, *, whole: bool = True, above: bool = False, below: bool = False,
+                 unit: str = "", note: str = "", rule: Callable[[float], None] | None = None) -> None:
+        self.low, self.high, self.whole, self.above, self.below = low, high, whole, above, below
+        self.unit, self.note, self.rule = unit, note, rule  # rule: a range kept elsewhere (ArgumentTypeError)
+
+    def __call__(self, text: str) -> Any:
+        try:
+            value: float = int(text) if self.whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a {'whole ' if self.whole else ''}number, got {text!r}") from None
+        why = problem(value, self.low, self.high, whole=self.whole, above=self.above, below=self.below,
+                      unit=self.unit)
+        if why is not None:
+            raise argparse.ArgumentTypeError(why + (f" ({self.note})" if self.note else ""))
+        if self.rule is not None:
+            self.rule(value)
+        return value
+
+    def __repr__(self) -> str:  # argparse names the type in some messages
+        return "number"
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+class Numbers:
+    """An argparse type: a comma list of `Number`s, e.g. 8,8,7,7."""
+
+    def __init__(self, item: Number, example: str) -> None:
+        self.item, self.example = item, example
+
+    def __call__(self, text: str) -> list[Any]:
+        parts = text.split(",")
+        if not all(part.strip() for part in parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers like {self.example}, got {text!r}")
+        try:
+            return [self.item(part.strip()) for part in parts]
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    def __repr__(self) -> str:
+        return "numbers"
 
 
-def temperature(text: str) -> float:
-    value = _finite(text)
-    _sampling_rule(temperature=value)
-    return value
-
-
-def top_p(text: str) -> float:
-    value = _finite(text)
-    _sampling_rule(top_p=value)
-    return value
+positive_int = Number(1, MAX_COUNT)  # tokens, prompts, tree budgets
+count0 = Number(0, MAX_COUNT, note="0 = off")
+stage_count = Number(1, MAX_STAGES)
+layer_counts = Numbers(Number(1, MAX_COUNT), "8,8,7,7")
+duration = Number(0, MAX_SECONDS, whole=False, above=True, unit="seconds")
+wait_duration = Number(0, MAX_SECONDS, whole=False, unit="seconds", note="0 = fail at once")
+port = Number(1, 65535)
+seed = Number(0, 2**64 - 1)
+factor = Number(0, 1000, whole=False, above=True)  # time dilation, calibration margin: the timeouts scale with it
+temperature = Number(-math.inf, math.inf, whole=False, rule=lambda v: _sampling_rule(temperature=v))
+top_p = Number(-math.inf, math.inf, whole=False, rule=lambda v: _sampling_rule(top_p=v))
+reach = Number(0, 1, whole=False, below=True, note="0 sends every node")
 
 
 def _sampling_rule(temperature: float = 0.0, top_p: float = 1.0) -> None:
@@ -67,11 +104,11 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--temperature", type=temperature, default=0.0,
                    help="0 = greedy (identical to transformers); > 0 samples the target's distribution exactly")
     p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; a run is reproducible from it")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed; a run is reproducible from it")
 
 
 def add_precision_args(p: argparse.ArgumentParser, *, device: bool = True, quant: str = "none") -> None:
-    from flowspec.model.precision import DEFAULT_GROUP_SIZE, DTYPES, QUANTS
+    from flowspec.model.precision import DEFAULT_GROUP_SIZE, DTYPES, GROUP_SIZES, QUANTS
 
     g = p.add_argument_group("device and number format (a peers-file line's device=/dtype=/quant= wins)")
     if device:
@@ -82,7 +119,7 @@ def add_precision_args(p: argparse.ArgumentParser, *, device: bool = True, quant
                         "--quant (default auto)")
     g.add_argument("--quant", default=quant, choices=QUANTS,
                    help=f"weight-only quantization of every linear layer for CPU stages and the head (default {quant})")
-    g.add_argument("--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE,
+    g.add_argument("--group-size", type=positive_int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
                    help=f"int4 group size (default {DEFAULT_GROUP_SIZE}, measured: see BENCHMARKS.md)")
 
 
@@ -144,10 +181,10 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="flowspec: expand below the best-scored leaf of the surviving tree, not the new root")
     g.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=None,
                    help="flowspec: keep drafting below the best leaf while the pipeline works")
-    g.add_argument("--lookup", type=int, metavar="N",
+    g.add_argument("--lookup", type=count0, metavar="N",
                    help="flowspec: tokens proposed by prompt lookup after each verdict (0 turns it off)")
     g.add_argument("--max-tree", type=positive_int, help="live draft nodes the head keeps at most")
-    g.add_argument("--min-reach", type=float, metavar="P",
+    g.add_argument("--min-reach", type=reach, metavar="P",
                    help="flowspec: send a segment's later rows only for nodes the draft gives at least chance P "
                         "of being accepted (0 sends every node)")
 
@@ -214,28 +251,30 @@ def add_pipeline_args(p: argparse.ArgumentParser, model_help: str = "target mode
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="start the stages as local processes on loopback")
     where.add_argument("--peers", help="peers file of running flowspec-node processes (this process is line 1)")
-    p.add_argument("--stages", type=positive_int, default=4, help="stage processes for --local (default 4)")
-    p.add_argument("--layers", help="layers per stage for --local, e.g. 8,8,7,7 (default balanced)")
+    p.add_argument("--stages", type=stage_count, default=4, help="stage processes for --local (default 4)")
+    p.add_argument("--layers", type=layer_counts,
+                   help="layers per stage for --local, one number per stage, e.g. 8,8,7,7 (default balanced)")
     p.add_argument("--model", default="smollm2-135m", help=model_help)
     p.add_argument("--draft", help="draft: a model sharing the target's tokenizer, self, self:layers=N, random")
     p.add_argument("--mode", default="flowspec", choices=["ar", "chunk", "pipedec", "flowspec"])
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
     p.add_argument("--secret-file", help="shared secret for --peers (else $FLOWSPEC_SECRET)")
-    p.add_argument("--heartbeat-timeout", type=float,
+    p.add_argument("--heartbeat-timeout", type=duration,
                    help="seconds of silence before a stage is declared dead (default 5; with --local also "
                         "passed to the stage processes)")
-    p.add_argument("--recovery-timeout", type=float, default=30.0,
+    p.add_argument("--recovery-timeout", type=wait_duration, default=30.0,
                    help="seconds to wait for a stage that is not up yet or was lost (restarted, or a standby= "
                         "address) before its requests fail; 0 = fail at once (default 30)")
 
 
 def check_pipeline_args(args: argparse.Namespace) -> None:
     from flowspec.errors import ConfigError
+    from flowspec.store.shard import check_layer_counts
 
-    if args.heartbeat_timeout is not None and args.heartbeat_timeout <= 0:
-        raise ConfigError("--heartbeat-timeout must be > 0")
-    if args.recovery_timeout < 0:
-        raise ConfigError("--recovery-timeout must be >= 0 (0 = fail at once)")
+    if args.layers is not None:
+        if not args.local:
+            raise ConfigError("--layers is for --local; with --peers give layers=N on the peers file's stage lines")
+        check_layer_counts(args.layers, args.stages)
     if args.local and (args.tls_cert or args.tls_key or args.tls_ca):
         raise ConfigError("--tls-cert/--tls-key/--tls-ca are for --peers; --local stages run on loopback")
 
@@ -256,11 +295,47 @@ async def open_cluster(args: argparse.Namespace, **extra: Any) -> Cluster:
     common = {"draft": args.draft, "cache_dir": args.cache_dir, "timeouts": timeouts,
               "recovery_timeout": args.recovery_timeout, **formats(args), **extra}
     if args.local:
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-        return await Cluster.start_local(args.model, args.stages, layers=layers, node_args=node_args, **common)
+        return await Cluster.start_local(args.model, args.stages, layers=args.layers, node_args=node_args, **common)
     status = WaitStatus()
     try:
         return await Cluster.connect(args.peers, model=args.model, secret=load_secret(args.secret_file),
                                      on_waiting=status, tls=tls_config(args), **common)
     finally:
         status.done()
+
+
+def check_can_listen(host: str, port: int, what_to_change: str) -> None:
+    """Bind-test host:port now, so that a port in use or a host name that does not resolve is one line before the
+    model loads (seconds to minutes), not a traceback after it. The server binds it again when it starts (a race
+    lost meanwhile is `listen_error`'s line too)."""
+    from flowspec.errors import ConfigError
+    from flowspec.net.link import format_address
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {format_address(host, port)}: the name {host!r} does not resolve "
+                          f"here ({getattr(exc, 'strerror', None) or exc}); give an address of this machine") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's and aiohttp's servers do
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                raise ConfigError(listen_error(host, port, exc, what_to_change)) from None
+
+
+def listen_error(host: str, port: int, exc: OSError, what_to_change: str) -> str:
+    """One line for a server that cannot bind host:port, saying what to do."""
+    from flowspec.net.link import format_address
+
+    where = f"cannot listen on {format_address(host, port)}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the address is already in use (another flowspec process?); stop it or {what_to_change}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this machine"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges); {what_to_change}"
+    return f"{where}: {exc.strerror or exc}"

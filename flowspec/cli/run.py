@@ -21,6 +21,7 @@ from flowspec.cli.options import (
     positive_int,
     result_row,
 )
+from flowspec.errors import ConfigError
 from flowspec.node.head import GenerationResult
 from flowspec.prompts import Prompt, read_prompt_file
 
@@ -53,11 +54,16 @@ examples:
     p.set_defaults(handler=run_command)
 
 
-async def _run(args: argparse.Namespace) -> int:
+def _prompts(args: argparse.Namespace) -> list[Prompt]:
     if args.prompt is not None:
-        prompts = [Prompt("prompt", args.prompt)]
-    else:
-        prompts = read_prompt_file(args.prompt_file, args.limit)
+        return [Prompt("prompt", args.prompt)]
+    prompts = read_prompt_file(args.prompt_file, args.limit)
+    if not prompts:
+        raise ConfigError(f"prompt file {args.prompt_file} holds no prompts: nothing to do")
+    return prompts
+
+
+async def _run(args: argparse.Namespace, prompts: list[Prompt]) -> int:
     cluster = await open_cluster(args)
     request = Request(args.mode, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                       budget_overrides(args))
@@ -81,4 +87,5 @@ async def _run(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     check_pipeline_args(args)
-    return asyncio.run(_run(args))
+    prompts = _prompts(args)  # a bad or empty prompt file is one line now, not after loading the model
+    return asyncio.run(_run(args, prompts))

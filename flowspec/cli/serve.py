@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import math
 import os
 import signal
 import socket
@@ -13,14 +12,20 @@ from typing import Any
 
 import structlog
 
+from flowspec.bounds import MAX_SECONDS
 from flowspec.cli.options import (
+    Number,
     add_budget_args,
     add_pipeline_args,
     add_precision_args,
     add_tls_args,
     budget_overrides,
+    check_can_listen,
     check_pipeline_args,
+    listen_error,
     open_cluster,
+    port,
+    positive_int,
 )
 from flowspec.errors import ConfigError
 from flowspec.logging import configure_logging
@@ -58,20 +63,23 @@ examples:
 then, with the openai client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")""")
     add_pipeline_args(p, model_help="target model name or HF folder (and the served name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=port, default=8000,
+                   help="port to listen on, 1..65535 (default 8000); checked free before the model loads")
     p.add_argument("--api-key", default=os.environ.get("FLOWSPEC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default $FLOWSPEC_API_KEY); needed off "
                         "loopback")
-    p.add_argument("--max-concurrent", type=int, default=4,
+    p.add_argument("--max-concurrent", type=Number(1, MAX_REQUESTS, note="a stage's limit"),
+                   default=4,
                    help=f"requests generated at once, 1..{MAX_REQUESTS} (a stage's limit); more get a 429 "
                         "(default 4)")
-    p.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens,
+    p.add_argument("--max-tokens", type=positive_int, default=_DEFAULTS.max_tokens,
                    help=f"the most max_tokens a request may ask for (default {_DEFAULTS.max_tokens})")
-    p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes,
-                   help=f"largest request body; larger gets a 413 (default {_DEFAULTS.max_body_bytes})")
-    p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S, metavar="SECONDS",
+    p.add_argument("--max-body-bytes", type=Number(1024, 1 << 30), default=_DEFAULTS.max_body_bytes,
+                   help=f"largest request body, 1 KiB..1 GiB; larger gets a 413 (default {_DEFAULTS.max_body_bytes})")
+    p.add_argument("--shutdown-grace", type=Number(0, MAX_SECONDS, whole=False, unit="seconds", note="0 = end them at once"),
+                   default=SHUTDOWN_GRACE_S, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, how long answers in flight may run on before they are ended "
-                        f"(default {SHUTDOWN_GRACE_S:g}; a second signal ends them at once)")
+                        f"(default {SHUTDOWN_GRACE_S:g}; 0 or a second signal ends them at once)")
     add_precision_args(p)
     add_tls_args(p)
     add_budget_args(p)
@@ -114,7 +122,10 @@ async def _serve(args: argparse.Namespace) -> int:
         await runner.setup()
         try:
             site = web.TCPSite(runner, args.host, args.port)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:  # taken while the model loaded: check_can_listen found it free
+                raise ConfigError(listen_error(args.host, args.port, exc, "choose another --port")) from None
             print(f"flowspec serve: {args.model} ({args.mode}, {cluster.head.num_stages} stages) on "
                   f"http://{args.host}:{args.port}/ (OpenAI base_url http://{args.host}:{args.port}/v1)",
                   flush=True)
@@ -146,13 +157,7 @@ class _Stops:
 def serve_command(args: argparse.Namespace) -> int:
     check_bind(args.host, args.api_key)
     check_pipeline_args(args)
-    if not 1 <= args.max_concurrent <= MAX_REQUESTS:
-        raise ConfigError(f"--max-concurrent must be 1..{MAX_REQUESTS} (a stage serves at most {MAX_REQUESTS} "
-                          "requests at once)")
-    if args.max_tokens < 1 or args.max_body_bytes < 1024:
-        raise ConfigError("--max-tokens must be >= 1 and --max-body-bytes >= 1024")
-    if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
-        raise ConfigError(f"--shutdown-grace must be a number of seconds >= 0, not {args.shutdown_grace}")
+    check_can_listen(args.host, args.port, "choose another --port")  # now, not after loading the model
     if args.log is None and not os.environ.get("FLOWSPEC_LOG"):
         configure_logging("info")  # the access log: one JSON line per HTTP request
     install_uvloop()  # one loop for the head and HTTP

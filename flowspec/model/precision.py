@@ -14,10 +14,11 @@ import torch
 from flowspec.errors import ConfigError
 from flowspec.model.quant import DEFAULT_GROUP_SIZE, QUANT_MODES
 
-__all__ = ["DEFAULT_GROUP_SIZE", "DTYPES", "QUANTS", "Precision", "resolve_device"]
+__all__ = ["DEFAULT_GROUP_SIZE", "DTYPES", "GROUP_SIZES", "QUANTS", "Precision", "resolve_device"]
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTS = QUANT_MODES
+GROUP_SIZES = (32, 64, 128, 256)  # int4 group sizes the packed kernel takes
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -53,7 +54,7 @@ class Precision:
             raise ConfigError(f"dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.quant not in QUANTS:
             raise ConfigError(f"quantization {self.quant!r}: use one of {', '.join(QUANTS)}")
-        if self.group_size not in (32, 64, 128, 256):
+        if self.group_size not in GROUP_SIZES:
             raise ConfigError(f"--group-size {self.group_size}: use 32, 64, 128 or 256")
 
     @classmethod

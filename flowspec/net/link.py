@@ -18,11 +18,12 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, final
 
 import structlog
 
+from flowspec.bounds import seconds
 from flowspec.compat import TIMEOUT_ERRORS, TaskGroup, timeout
 from flowspec.errors import AuthError, ConfigError, FlowSpecError, PeerProtocolError, StageFailed, StageTimeout
 from flowspec.net.framing import HEADER, FrameDecoder, check_length, decode_body, encode_frame
@@ -55,6 +56,10 @@ class Timeouts:
     heartbeat_interval: float = 1.0  # one ~10-byte ping per second is free even at 1 Mbit/s
     heartbeat_timeout: float = 5.0  # 5 missed pings: longer than a Wi-Fi spike (<= 0.25 s), short for a user
     hello: float = 1.0  # an accepted peer's TLS handshake, then its hello: a real one sends both at once
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # nan never expires and inf never ends: each is a finite number of seconds
+            seconds(getattr(self, f.name), f"Timeouts.{f.name}")
 
 
 @contextlib.contextmanager

@@ -24,8 +24,9 @@ import time
 import weakref
 from pathlib import Path
 
+from flowspec.bounds import MAX_STAGES, check
 from flowspec.config import Peers, read_peers
-from flowspec.errors import ConfigError, StageFailed
+from flowspec.errors import StageFailed
 from flowspec.node.lifeline import Lifeline
 from flowspec.store.shard import check_layer_counts
 
@@ -70,8 +71,7 @@ class LocalCluster:
                  threads: int = 1, module: str = "flowspec.cli.node") -> None:
         """`module` is the stage program (`python -m MODULE`) taking flowspec-node's options, then `extra_args`;
         the emulated testbed passes its own (flowspec.bench.node)."""
-        if num_stages < 1:
-            raise ConfigError(f"--stages must be >= 1, got {num_stages}")
+        check(num_stages, "--stages", 1, MAX_STAGES, whole=True)
         if layers is not None:  # here, before they reach the peers file this writes (its errors name that file)
             check_layer_counts(layers, num_stages)
         self.model, self.num_stages, self.cache_dir = model, num_stages, cache_dir

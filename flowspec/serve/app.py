@@ -365,6 +365,8 @@ async def _json(request: web.Request, limit: int) -> object:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # a few thousand nested [ or {: no OpenAI request nests past a handful of levels
+        raise ApiError(400, "the request body is nested too deeply") from None
 
 
 def _pipeline_failed(exc: FlowSpecError) -> ApiError:

@@ -195,6 +195,23 @@ async def test_bad_requests_get_openai_errors(server: LiveServer, client: openai
     assert server.get("/health")[0] == 200  # open, as vLLM's
 
 
+async def test_a_deeply_nested_body_is_a_400(server: LiveServer) -> None:
+    """The JSON parser gives up a thousand levels down (a RecursionError): a 400 like every other bad body, not a
+    500, and the server serves on."""
+    deep = b"[" * 5000 + b"]" * 5000
+    bodies = [deep, b'{"model": "' + SMOL.encode() + b'", "messages": ' + deep + b"}",
+              b'{"a": ' * 3000 + b"1" + b"}" * 3000]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            for body in bodies:
+                async with http.post(server.url + path, data=body,
+                                     headers={"Content-Type": "application/json"}) as r:
+                    assert r.status == 400, (path, body[:40], await r.text())
+                    error = (await r.json())["error"]
+                    assert error["type"] == "invalid_request_error" and "nested too deeply" in error["message"]
+    assert server.get("/health")[0] == 200
+
+
 async def test_requests_past_the_limit_get_429_at_once(server: LiveServer) -> None:
     body = {"model": SMOL, "messages": user(PROMPTS[3]), "max_tokens": 500, "temperature": 0, "stream": True}
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
