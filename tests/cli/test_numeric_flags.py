@@ -34,6 +34,7 @@ VALUES = ("nan", "inf", "-1", "0", HUGE_FLOAT, HUGE_INT)
 ZERO_MEANS = {
     ("flowspec run", "--seed"): "a seed like any other",
     ("flowspec run", "--temperature"): "greedy",
+    ("flowspec serve", "--shutdown-grace"): "end the answers in flight at once",
     ("flowspec chaos", "--seed"): "a seed like any other",
     ("flowspec-node", "--threads"): "torch's choice",
     ("flowspec.bench.node", "--threads"): "torch's choice",

@@ -66,7 +66,7 @@ def test_a_request_past_the_context_ends_at_once_with_one_line(pipe: Pipeline, a
 
 
 @pytest.mark.parametrize(("flag", "value", "expected"), [
-    ("--temperature", "-1", "must be in [0, 2], got -1 (0 = greedy"),
+    ("--temperature", "-1", "must be >= 0"),
     ("--top-p", "1.5", "must be in (0, 1]"),
     ("--max-new-tokens", "0", "must be in 1..1048576, got 0"),
     ("--temperature", "nan", "finite"),

@@ -158,8 +158,9 @@ def test_a_bad_shutdown_grace_is_one_error_line(grace: str) -> None:
     out = subprocess.run([sys.executable, "-m", "flowspec", "serve", "--local", "--shutdown-grace", grace],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out
-    assert out.stderr.strip().splitlines() == [
-        f"flowspec serve: error: --shutdown-grace must be a number of seconds >= 0, not {float(grace)}"], out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]  # after argparse's usage lines
+    assert len(errors) == 1 and errors[0].startswith("flowspec serve: error: argument --shutdown-grace: must be "), \
+        out.stderr
 
 
 @pytest.mark.parametrize(("field", "value"), [
