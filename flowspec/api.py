@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from flowspec.node.backend import Backend
 from flowspec.node.build import Deployment, build_head, deployment, device_for, precisions_for
 from flowspec.node.head import MAX_REQUESTS, GenerationResult, HeadNode
 from flowspec.node.local import LocalCluster
-from flowspec.sched import Budget, Mode, SamplingParams, choose_budget
+from flowspec.sched import Budget, BudgetOverrides, Mode, SamplingParams, choose_budget
 from flowspec.text import TextStream, chat_ids
 
 __all__ = ["Cluster", "GenerationResult", "Request", "WaitingCallback", "default_draft"]
@@ -51,14 +51,19 @@ def default_draft(model: str) -> str | None:
 
 @dataclass(frozen=True)
 class Request:
-    """One generation request; `budget` overrides tree budgets (see flowspec.sched.Budget)."""
+    """One generation request; `budget` sets tree budget fields (a BudgetOverrides, or a dict of Budget field
+    -> value, checked here), the runtime chooses the rest (flowspec.sched.costs)."""
 
     mode: str = "flowspec"
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    budget: dict[str, Any] = field(default_factory=dict)  # Budget field -> value
+    budget: BudgetOverrides = BudgetOverrides()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, BudgetOverrides):  # an app's dict: checked once, here
+            object.__setattr__(self, "budget", BudgetOverrides.of(self.budget))
 
 
 class Cluster:
@@ -193,7 +198,7 @@ class Cluster:
         """The request's tree budget: chosen from the pipeline's measured cost curves (flowspec.sched.costs),
         with the fields the request sets winning; without measurements, Budget's defaults."""
         mode = Mode.parse(request.mode)
-        return choose_budget(mode, self.head.num_stages, self.head.cost_model(), **request.budget)
+        return choose_budget(mode, self.head.num_stages, self.head.cost_model(), request.budget)
 
     async def prepare(self, mode: str) -> None:
         """Load what `mode` needs (the drafter) now, rather than during its first request."""

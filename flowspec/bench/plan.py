@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from flowspec.bench.shaping import LinkShape
     from flowspec.model.precision import Precision
     from flowspec.prompts import Prompt
-    from flowspec.sched import Budget
+    from flowspec.sched import Budget, BudgetOverrides
     from flowspec.store import DraftSpec
 
 __all__ = ["BenchPlan"]
@@ -54,7 +54,7 @@ class BenchPlan:
     quant: str
     group_size: int
     precision: Precision
-    overrides: dict[str, Any]  # the budget fields set by flags
+    overrides: BudgetOverrides  # the budget fields set by flags
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchPlan:
@@ -127,7 +127,7 @@ class BenchPlan:
         from flowspec.sched import Mode, choose_budget
 
         return choose_budget(Mode.parse(mode), self.stages,
-                             self.profile.cost_model() if self.profile is not None else None, **self.overrides)
+                             self.profile.cost_model() if self.profile is not None else None, self.overrides)
 
     @property
     def segment_rows(self) -> int:

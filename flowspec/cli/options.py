@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from flowspec.net import TlsConfig
     from flowspec.node.head import GenerationResult
     from flowspec.prompts import Prompt
+    from flowspec.sched import BudgetOverrides
 
 __all__ = ["Number", "Numbers", "WaitStatus", "add_budget_args", "add_pipeline_args", "add_precision_args",
            "add_sampling_args", "add_tls_args", "budget_overrides", "check_can_listen", "check_pipeline_args", "count0",
@@ -189,10 +190,12 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                         "of being accepted (0 sends every node)")
 
 
-def budget_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The budget fields the user set (flags left out keep Budget's defaults)."""
-    return {field: getattr(args, flag) for flag, field in _BUDGET_FLAGS.items()
-            if getattr(args, flag, None) is not None}
+def budget_overrides(args: argparse.Namespace) -> BudgetOverrides:
+    """The budget fields the user set (the runtime chooses the others)."""
+    from flowspec.sched import BudgetOverrides
+
+    return BudgetOverrides(**{field: getattr(args, flag) for flag, field in _BUDGET_FLAGS.items()
+                              if getattr(args, flag, None) is not None})
 
 
 def result_row(prompt: Prompt, result: GenerationResult, cluster: Cluster, mode: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import final
 
 from flowspec.errors import ConfigError
 
-__all__ = ["HANDSHAKE_LIMITS", "Limits"]
+__all__ = ["HANDSHAKE_LIMITS", "MAX_REQUESTS", "Limits"]
 
 # Room for a message's non-tensor fields (kind, ids, small ints) plus msgpack and ext headers.
 _OVERHEAD = 4096
@@ -22,6 +22,10 @@ _DEFAULT_LIST_LEN = 4096
 _DEFAULT_STR_LEN = 4096
 # Largest msgpack encoding of one [start, end, step] triple: fixarray + 2 x float64 + uint64.
 _TRIPLE_BYTES = 1 + 9 + 9 + 9
+# Requests one stage serves at once, all heads together: each holds a KV cache of up to a context plus the
+# tree's slack, so this bounds what peers can make a stage reserve. A head admits no more than this either.
+MAX_REQUESTS = 8
+
 # Bytes per row for ids, parents and pos (three int64).
 _ROW_INDEX_BYTES = 3 * 8
 

@@ -61,6 +61,13 @@ class Timeouts:
         for f in fields(self):  # nan never expires and inf never ends: each is a finite number of seconds
             seconds(getattr(self, f.name), f"Timeouts.{f.name}")
 
+    @classmethod
+    def for_heartbeat(cls, heartbeat_timeout: float) -> Timeouts:
+        """The link deadlines for a peer declared dead after `heartbeat_timeout` seconds of silence: pings at
+        least 4 times per timeout (at most once a second), so a short timeout does not fire on a healthy peer."""
+        seconds(heartbeat_timeout, "heartbeat_timeout")
+        return cls(heartbeat_interval=min(1.0, heartbeat_timeout / 4), heartbeat_timeout=heartbeat_timeout)
+
 
 @contextlib.contextmanager
 def _io_errors(what: str) -> Iterator[None]:

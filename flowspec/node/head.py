@@ -22,11 +22,11 @@ import structlog
 
 from flowspec.compat import shielded
 from flowspec.errors import LocalProtocolError, RequestRejected
+from flowspec.net import MAX_REQUESTS
 from flowspec.node.backend import Backend
 from flowspec.node.driver import DrafterLike, DraftStateLike, GenerationResult, LMHeadLike, RequestDriver
 from flowspec.node.links import LinkLost, StageLinks
 from flowspec.node.probe import line_from, probe_drafter, probe_lm_head
-from flowspec.node.stage import MAX_REQUESTS
 from flowspec.sched import Action, Budget, Mode, SamplingParams, Scheduler
 from flowspec.sched.costs import CostModel, Line
 

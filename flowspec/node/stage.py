@@ -28,6 +28,7 @@ from flowspec.compat import TIMEOUT_ERRORS, TaskGroup, timeout
 from flowspec.errors import FlowSpecError, LocalProtocolError, PeerProtocolError
 from flowspec.model import KVCache, StageModel
 from flowspec.net import (
+    MAX_REQUESTS,
     Close,
     Error,
     Hello,
@@ -53,7 +54,6 @@ __all__ = ["StageNode"]
 log = structlog.get_logger("flowspec.stage")
 
 _MAX_ORPHANS = 256  # messages held for a request whose `open` has not arrived yet
-MAX_REQUESTS = 8  # concurrent requests per stage; each holds a KV cache (a head admits no more: node/head.py)
 _MAX_ORPHAN_BYTES = 64 << 20  # tensor bytes held for unopened requests, all links together
 _ORPHAN_TTL_S = 30.0  # a request not opened this long after its first message never will be
 _TREE_SLACK_MAX = 4096  # KV slots a request may ask for beyond the context, for its draft tree

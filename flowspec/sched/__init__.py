@@ -1,7 +1,7 @@
 """Sans-IO decoding core: events in, actions out. No asyncio, sockets or model code in here."""
 
 from flowspec.sched.actions import Action, BroadcastVerdict, EmitTokens, Finish, RunDraft, SendSegment
-from flowspec.sched.budget import Budget, Mode
+from flowspec.sched.budget import Budget, BudgetOverrides, Mode
 from flowspec.sched.costs import CostModel, Line, choose_budget
 from flowspec.sched.events import (
     Cancelled,
@@ -22,7 +22,7 @@ from flowspec.sched.stage import Admission, Compaction, StageTree
 from flowspec.sched.tree import CONTEXT, DraftTree, Node, NodeState
 
 __all__ = [
-    "CONTEXT", "TRANSITIONS", "Action", "Admission", "BroadcastVerdict", "Budget", "Cancelled", "Candidate", "Compaction",
+    "CONTEXT", "TRANSITIONS", "Action", "Admission", "BroadcastVerdict", "Budget", "BudgetOverrides", "Cancelled", "Candidate", "Compaction",
     "CostModel", "DecodeStats", "DraftError", "DraftJob", "DraftReady", "DraftTree", "EmitTokens", "Event", "ExpandRequest", "Finish",
     "LayerGrowth", "Line", "Mode", "Node", "NodeState", "Outcome", "Prefilled", "RequestState", "RunDraft", "SamplingParams",
     "Scheduler", "SegmentReturned", "SendSegment", "StageError", "StageLost", "StageTree", "StepTimedOut", "TreeGrowth",

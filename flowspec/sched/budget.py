@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 from flowspec.errors import ConfigError
 
-__all__ = ["Budget", "Mode"]
+__all__ = ["Budget", "BudgetOverrides", "Mode"]
 
 
 class Mode(enum.Enum):
@@ -53,14 +55,9 @@ class Budget:
     def __post_init__(self) -> None:
         if self.num_stages < 1:
             raise ConfigError(f"num_stages must be >= 1, got {self.num_stages}")
-        for name in ("init_tokens", "topk", "expand_tokens", "segment", "width", "max_tree"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("depth", "expand_depth", "in_flight", "lookup"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.min_reach < 1.0:
-            raise ConfigError(f"min_reach must be in [0, 1), got {self.min_reach}")
+        for name in _AT_LEAST:
+            _check_field(name, getattr(self, name))
+        _check_field("min_reach", self.min_reach)
         if self.max_tree < max(self.init_tokens, self.expand_tokens) + 1:
             raise ConfigError("max_tree must exceed init_tokens and expand_tokens")
 
@@ -75,3 +72,65 @@ class Budget:
     def tree_slack(self) -> int:
         """KV slots a stage needs beyond the committed context: live tree plus rows in flight."""
         return self.max_tree + self.slots * max(self.segment, self.width, self.init_tokens + 1)
+
+
+_TUNABLE = tuple(f.name for f in fields(Budget) if f.name not in ("mode", "num_stages"))
+_AT_LEAST = {"init_tokens": 1, "topk": 1, "expand_tokens": 1, "segment": 1, "width": 1, "max_tree": 2,
+             "depth": 0, "expand_depth": 0, "in_flight": 0, "lookup": 0}
+
+
+def _check_field(name: str, value: Any) -> None:
+    """One field's own range (Budget checks the rule across fields, max_tree against the trees, itself)."""
+    if name in _AT_LEAST and value < _AT_LEAST[name]:
+        raise ConfigError(f"{name} must be >= {_AT_LEAST[name]}, got {value}")
+    if name == "min_reach" and not 0.0 <= value < 1.0:
+        raise ConfigError(f"min_reach must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetOverrides:
+    """The Budget fields a user set (flags, a request's `budget`, the HTTP server's config); None: let the
+    runtime choose (flowspec.sched.costs.choose_budget). Each value set is checked as it is built, by Budget's
+    own rule, so a bad one is refused before any request runs."""
+
+    init_tokens: int | None = None
+    topk: int | None = None
+    depth: int | None = None
+    expand_tokens: int | None = None
+    expand_depth: int | None = None
+    segment: int | None = None
+    width: int | None = None
+    in_flight: int | None = None
+    max_tree: int | None = None
+    eager_root: bool | None = None
+    expand_from_leaf: bool | None = None
+    draft_ahead: bool | None = None
+    min_reach: float | None = None
+    lookup: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in self.items():
+            kind = type(getattr(_DEFAULTS, name))  # bool, int or float
+            numeric = (int, float) if kind is float else (int,)
+            if type(value) is not bool if kind is bool else isinstance(value, bool) or not isinstance(value, numeric):
+                raise ConfigError(f"budget field {name} takes {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+            _check_field(name, value)
+
+    @classmethod
+    def of(cls, given: BudgetOverrides | Mapping[str, Any] | None) -> BudgetOverrides:
+        """From a mapping of field -> value (an app's dict, a JSON body); unknown fields are refused by name."""
+        if given is None:
+            return cls()
+        if isinstance(given, BudgetOverrides):
+            return given
+        unknown = sorted(set(given) - set(_TUNABLE))
+        if unknown:
+            raise ConfigError(f"unknown budget field(s) {', '.join(unknown)}; known: {', '.join(_TUNABLE)}")
+        return cls(**given)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """The fields set, in Budget's order."""
+        return [(name, getattr(self, name)) for name in _TUNABLE if getattr(self, name) is not None]
+
+
+_DEFAULTS = Budget(Mode.FLOWSPEC, 1)

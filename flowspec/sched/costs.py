@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from flowspec.errors import ConfigError
-from flowspec.sched.budget import Budget, Mode
+from flowspec.sched.budget import Budget, BudgetOverrides, Mode
 
 __all__ = ["CostModel", "Line", "choose_budget"]
 
@@ -77,12 +77,15 @@ def _widest(line: Line, menu: tuple[int, ...]) -> int:
     return max((n for n in menu if line(n) <= limit), default=1)
 
 
-def choose_budget(mode: Mode, num_stages: int, costs: CostModel | None, **overrides: Any) -> Budget:
-    """The budget for `mode` on devices costing `costs`; `overrides` (Budget fields the user set) win.
+def choose_budget(mode: Mode, num_stages: int, costs: CostModel | None,
+                  overrides: BudgetOverrides = BudgetOverrides()) -> Budget:
+    """The budget for `mode` on devices costing `costs`; `overrides` (Budget fields the user set) win, and
+    the chosen fields they would clash with give way (a small max_tree shrinks the chosen trees; nothing else
+    changes). Overrides that clash among themselves are a ConfigError.
 
     Without costs (nothing measured) the Budget defaults stand, which suit CPU stages."""
     if costs is None or costs.draft is None or mode is Mode.AR:
-        return Budget(mode=mode, num_stages=num_stages, **overrides)
+        return _with(mode, num_stages, {}, overrides)
     segment = _widest(costs.stage, SEGMENT_MENU)
     beam = _widest(costs.draft, tuple(range(1, MAX_BEAM + 1)))
     # head time left per stage step once the returned segment's lm_head ran, in drafter levels
@@ -105,7 +108,18 @@ def choose_budget(mode: Mode, num_stages: int, costs: CostModel | None, **overri
         # (three decimals: measurement noise must not make two runs' budgets differ)
         "min_reach": round(min(0.5, costs.stage.per_row / costs.stage(1)), 3) if costs.stage(1) > 0 else 0.0,
     }
-    try:
-        return Budget(mode=mode, num_stages=num_stages, **{**auto, **overrides})
-    except ConfigError:  # an override that clashes with a chosen value (say a small max_tree): keep theirs
-        return Budget(mode=mode, num_stages=num_stages, **overrides)
+    return _with(mode, num_stages, auto, overrides)
+
+
+def _with(mode: Mode, num_stages: int, chosen: dict[str, Any], overrides: BudgetOverrides) -> Budget:
+    """Budget from the chosen fields (over Budget's defaults) and the overrides, which win."""
+    given = dict(overrides.items())
+    fields_now = {f.name: getattr(Budget(mode, num_stages), f.name) for f in fields(Budget)} | chosen | given
+    tree = fields_now["max_tree"]
+    for name in ("init_tokens", "expand_tokens"):  # the one rule across fields: trees fit under max_tree
+        if name not in given:
+            fields_now[name] = min(fields_now[name], tree - 1)
+    if "max_tree" not in given:
+        fields_now["max_tree"] = max(tree, fields_now["init_tokens"] + 1, fields_now["expand_tokens"] + 1)
+    del fields_now["mode"], fields_now["num_stages"]
+    return Budget(mode=mode, num_stages=num_stages, **fields_now)

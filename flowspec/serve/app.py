@@ -27,7 +27,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -36,6 +36,7 @@ from aiohttp import web
 from flowspec.api import Cluster, Request
 from flowspec.errors import FlowSpecError, RequestRejected
 from flowspec.node.head import GenerationResult
+from flowspec.sched import BudgetOverrides
 from flowspec.serve.metrics import CONTENT_TYPE, Finished, ServeMetrics
 from flowspec.serve.schema import ApiError, Generation, Limits, parse_chat, parse_completion
 from flowspec.text import TextStream
@@ -59,7 +60,7 @@ class ServeConfig:
     api_key: str | None = None
     max_concurrent: int = 4  # requests generated at once (a stage serves at most 8); more get a 429
     limits: Limits = Limits()
-    budget: dict[str, Any] = field(default_factory=dict)  # tree budget overrides, as `flowspec run`'s flags
+    budget: BudgetOverrides = BudgetOverrides()  # tree budget fields set, as `flowspec run`'s flags
 
 
 class Server:

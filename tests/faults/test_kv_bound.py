@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from flowspec.config import parse_peers
-from flowspec.net import Close, Error, Open, Prefill, Stats, Timeouts, connect, serve
+from flowspec.net import MAX_REQUESTS, Close, Error, Open, Prefill, Stats, Timeouts, connect, serve
 from flowspec.node.build import build_head, build_stage, deployment
 from flowspec.node.head import GenerationResult
 from flowspec.node.local import LocalCluster, free_ports
-from flowspec.node.stage import _TREE_SLACK_MAX, MAX_REQUESTS
+from flowspec.node.stage import _TREE_SLACK_MAX
 from flowspec.sched import Budget, Mode, SamplingParams
 from flowspec.store import make_drafter
 from tests.faults.conftest import SMOL, rss_mb

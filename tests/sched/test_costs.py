@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from flowspec.bench.profiles import builtin_profiles
 from flowspec.errors import ConfigError
-from flowspec.sched import Budget, CostModel, Line, Mode, choose_budget
+from flowspec.sched import Budget, BudgetOverrides, CostModel, Line, Mode, choose_budget
 
 lines = st.builds(Line, st.floats(1e-4, 1.0), st.floats(0.0, 0.1))
 
@@ -47,12 +47,12 @@ def test_edge_profiles_get_what_their_curves_call_for() -> None:
 
 def test_overrides_win_and_no_measurements_keep_the_defaults() -> None:
     costs = builtin_profiles()["jetson-7b"].cost_model()
-    assert choose_budget(Mode.FLOWSPEC, 4, costs, segment=3, lookup=0).segment == 3
-    assert choose_budget(Mode.FLOWSPEC, 4, costs, lookup=0).lookup == 0
+    assert choose_budget(Mode.FLOWSPEC, 4, costs, BudgetOverrides(segment=3, lookup=0)).segment == 3
+    assert choose_budget(Mode.FLOWSPEC, 4, costs, BudgetOverrides(lookup=0)).lookup == 0
     assert choose_budget(Mode.FLOWSPEC, 4, None) == Budget(Mode.FLOWSPEC, 4)
     assert choose_budget(Mode.FLOWSPEC, 4, CostModel(costs.stage, costs.lm_head)) == Budget(Mode.FLOWSPEC, 4)
     with pytest.raises(ConfigError):
-        choose_budget(Mode.FLOWSPEC, 4, costs, segment=0)
+        choose_budget(Mode.FLOWSPEC, 4, costs, BudgetOverrides(segment=0))
 
 
 def test_a_line_through_two_measurements() -> None:
@@ -61,3 +61,28 @@ def test_a_line_through_two_measurements() -> None:
     assert Line.through(1, 0.05, 16, 0.04).per_row == 0.0  # noise made the wider step faster: flat, not negative
     with pytest.raises(ConfigError):
         Line(-1.0)
+
+
+def test_an_override_that_clashes_with_a_chosen_value_keeps_every_other_chosen_value() -> None:
+    """A small max_tree shrinks the chosen trees under it; the segment, beam and the rest stay as chosen (they
+    used to fall back to Budget's defaults wholesale)."""
+    costs = builtin_profiles()["jetson-7b"].cost_model()
+    chosen = choose_budget(Mode.FLOWSPEC, 4, costs)
+    small = choose_budget(Mode.FLOWSPEC, 4, costs, BudgetOverrides(max_tree=8))
+    assert small.max_tree == 8 and small.init_tokens <= 7 and small.expand_tokens <= 7
+    assert (small.segment, small.topk, small.depth, small.min_reach, small.draft_ahead) == \
+        (chosen.segment, chosen.topk, chosen.depth, chosen.min_reach, chosen.draft_ahead)
+    big = choose_budget(Mode.FLOWSPEC, 4, None, BudgetOverrides(init_tokens=100))
+    assert big.init_tokens == 100 and big.max_tree == 101  # the chosen bound grows to hold the tree asked for
+    with pytest.raises(ConfigError, match="max_tree must exceed"):  # both set by the user: theirs to mend
+        choose_budget(Mode.FLOWSPEC, 4, costs, BudgetOverrides(max_tree=8, init_tokens=20))
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"segment": 0}, "segment must be >= 1"), ({"segment": True}, "takes an int"), ({"nope": 1}, "unknown budget"),
+    ({"min_reach": 1.0}, r"min_reach must be in \[0, 1\)"), ({"draft_ahead": 1}, "takes a bool"),
+    ({"lookup": -1}, "lookup must be >= 0"),
+])
+def test_budget_overrides_are_checked_as_they_are_built(given: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BudgetOverrides.of(given)
