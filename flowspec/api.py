@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 
-from flowspec.bounds import seconds
-from flowspec.compat import BaseExceptionGroup, add_note
-from flowspec.config import Peers, load_secret, read_peers
+from flowspec.compat import BaseExceptionGroup, add_note, shielded
+from flowspec.config import ClusterConfig, Peers, load_secret, read_peers
 from flowspec.errors import ConfigError, FlowSpecError, RequestCancelled
 from flowspec.model import Drafter
-from flowspec.model.precision import DEFAULT_GROUP_SIZE, resolve_device
-from flowspec.net import Timeouts, TlsConfig
+from flowspec.model.precision import resolve_device
+from flowspec.net import TlsConfig
 from flowspec.node.backend import Backend
 from flowspec.node.build import Deployment, build_head, deployment, device_for, precisions_for
-from flowspec.node.head import MAX_REQUESTS, GenerationResult, HeadNode
+from flowspec.node.head import GenerationResult, HeadNode
 from flowspec.node.local import LocalCluster
 from flowspec.sched import Budget, BudgetOverrides, Mode, SamplingParams, choose_budget
 from flowspec.text import TextStream, chat_ids
@@ -67,98 +66,100 @@ class Request:
 
 
 class Cluster:
-    """A head (this process) connected to a pipeline of stages."""
+    """A head (this process) connected to a pipeline of stages. Make one with `start_local` or `connect`."""
 
-    def __init__(self, head: HeadNode, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
-                 local: LocalCluster | None = None, device: torch.device | None = None) -> None:
-        from flowspec.store import load_tokenizer, resolve
+    def __init__(self, head: HeadNode, dep: Deployment, config: ClusterConfig, tokenizer: Any,
+                 local: LocalCluster | None = None, device: torch.device | None = None,
+                 drafter: Drafter | None = None) -> None:
+        from flowspec.store import resolve
 
-        self.head, self.dep, self.cache_dir, self.local = head, dep, cache_dir, local
+        self.head, self.dep, self.config, self.tokenizer, self.local = head, dep, config, tokenizer, local
+        self.cache_dir = config.cache_dir
         self.device = device or torch.device("cpu")  # the head's: its lm_head and drafter
-        self.draft_spec = draft.name if isinstance(draft, Drafter) else draft
-        if isinstance(draft, Drafter):
-            head.drafter = draft
+        self.draft_spec = drafter.name if drafter is not None else config.draft
+        if drafter is not None:
+            head.drafter = drafter
         self._drafter_loading = asyncio.Lock()  # concurrent first requests load the drafter once
-        self.tokenizer = load_tokenizer(dep.model, cache_dir)
-        self.eos_ids = _eos_ids(resolve(dep.model, cache_dir), self.tokenizer, dep.config.eos_token_ids)
+        self.eos_ids = _eos_ids(resolve(dep.model, config.cache_dir), tokenizer, dep.config.eos_token_ids)
 
     # -- construction --------------------------------------------------------------------------------------
     @classmethod
-    async def start_local(cls, model: str, stages: int, *, draft: str | None = None,
-                          layers: list[int] | None = None, cache_dir: str | None = None,
-                          timeouts: Timeouts | None = None, recovery_timeout: float = 30.0,
-                          node_args: Sequence[str] = (), step_timeout: float = 60.0, device: str = "auto",
-                          dtype: str = "auto", quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE,
-                          max_requests: int = MAX_REQUESTS) -> Cluster:
-        """Start `stages` stage processes on loopback and connect to them (`node_args`: more flowspec-node
-        options for every stage). Every stage and the head run on `device` in `dtype` with `quant` weights
-        (see flowspec.model.precision). The processes end with `aclose()`, and never outlive this process: an app
-        that exits without it (or dies) ends them too (flowspec.node.local). `max_requests`: see `connect`."""
-        _check_waits(step_timeout, recovery_timeout)  # before minutes of splitting and loading
-        device = str(resolve_device(device))  # every part runs here: `auto` means this machine's GPU, if any
-        formats = ["--device", device, "--dtype", dtype, "--quant", quant, "--group-size", str(group_size)]
-        local = LocalCluster(model, stages, layers, cache_dir, extra_args=[*formats, *node_args])
-        precisions = precisions_for(local.peers, dtype, quant, group_size, device)
+    async def start_local(cls, model: str | None = None, stages: int = 4, *, config: ClusterConfig | None = None,
+                          layers: list[int] | None = None, node_args: Sequence[str] = (),
+                          **settings: Any) -> Cluster:
+        """Start `stages` stage processes on loopback and connect to them.
+
+        The cluster is `config` (a ClusterConfig) with `model` and `settings` (its fields: draft=, cache_dir=,
+        device=, dtype=, quant=, group_size=, heartbeat_timeout=, step_timeout=, recovery_timeout=,
+        max_requests=, timeouts=) applied; every stage and the head run on `device` in `dtype` with `quant`
+        weights (see flowspec.model.precision). `node_args`: more flowspec-node options for every stage. The
+        processes end with `aclose()`, and never outlive this process: an app that exits without it (or dies)
+        ends them too (flowspec.node.local)."""
+        config = ClusterConfig.build(config, **({"model": model} if model is not None else {}), **settings)
+        # every part runs here: `auto` means this machine's GPU, if any
+        config = replace(config, device=str(resolve_device(config.device)))
+        local = LocalCluster(config.model, stages, layers, config.cache_dir,
+                             extra_args=[*config.stage_args(), *node_args])
+        precisions = precisions_for(local.peers, config.dtype, config.quant, config.group_size, config.device)
         try:
             # split once here, not in N racing processes
-            dep = await asyncio.to_thread(deployment, model, stages, layers, cache_dir, precisions)
+            dep = await asyncio.to_thread(deployment, config.model, stages, layers, config.cache_dir, precisions)
             await local.start()
-            return await cls._connect(local.peers, dep, draft, cache_dir, None, timeouts, step_timeout,
-                                      recovery_timeout, Backend(), device, local, max_requests=max_requests)
+            return await cls._connect(local.peers, dep, config, local=local)
         except BaseException:
-            local.stop()
+            await shielded(asyncio.to_thread(local.stop))
             raise
 
     @classmethod
-    async def connect(cls, peers: str | os.PathLike[str] | Peers, *, model: str, draft: str | Drafter | None = None,
-                      cache_dir: str | None = None, secret: bytes | None = None, timeouts: Timeouts | None = None,
-                      step_timeout: float = 60.0, recovery_timeout: float = 30.0,
-                      backend: Backend | None = None, device: str = "auto", dtype: str = "auto",
-                      quant: str = "none", group_size: int = DEFAULT_GROUP_SIZE,
-                      on_waiting: WaitingCallback | None = None, tls: TlsConfig | None = None,
-                      max_requests: int = MAX_REQUESTS) -> Cluster:
+    async def connect(cls, peers: str | os.PathLike[str] | Peers, config: ClusterConfig | None = None, *,
+                      secret: bytes | None = None, tls: TlsConfig | None = None, backend: Backend | None = None,
+                      on_waiting: WaitingCallback | None = None, drafter: Drafter | None = None,
+                      **settings: Any) -> Cluster:
         """Connect to running `flowspec-node` processes listed in a peers file (the head is line 1).
 
-        A stage that is not up yet (booting, restarting) is waited for, retrying with backoff, for up to
-        `recovery_timeout` seconds; `on_waiting(stage, address, seconds_waited)` is told while it waits.
+        The cluster is `config` with `settings` applied (`model=` is needed without a config; the fields are
+        those of flowspec.config.ClusterConfig, checked as it is built: a nan, inf or negative duration is a
+        ConfigError before anything starts). A stage that is not up yet (booting, restarting) is waited for,
+        retrying with backoff, for up to `recovery_timeout` seconds; `on_waiting(stage, address,
+        seconds_waited)` is told while it waits; a lost stage is waited for as long (restarted, or a standby=
+        address), then its requests fail (0: fail at once). `device`, `dtype`, `quant`, `group_size`: the
+        pipeline's number formats, as every stage was started with them (a peers-file line's
+        device=/dtype=/quant= wins); a stage that disagrees is refused. `max_requests`: requests generated at
+        once (up to a stage's limit, 8); more wait for a place, and each produces what it would alone.
 
-        `draft` is a draft spec (see `default_draft`) or an already loaded Drafter. `timeouts` are the head's
-        link deadlines (heartbeats); a lost stage is waited for (restarted, or a standby= address) up to
-        `recovery_timeout` seconds, then the request fails (0: fail at once). `backend` is where the head's
-        compute runs and how its links reach the wire (flowspec.node.Backend; the default is this machine).
-        `device`, `dtype`, `quant`, `group_size`: the pipeline's number formats, as every stage was started
-        with them (a peers-file line's device=/dtype=/quant= wins); a stage that disagrees is refused.
-        `tls`: mutual TLS on every link (flowspec.net.TlsConfig: this head's certificate and key, and the CA that
-        signed every node's certificate); the stages must run with TLS too.
-        `max_requests`: requests generated at once (up to a stage's limit, 8); more wait for a place. Requests
-        in flight together interleave on the stages, and each produces what it would alone.
-        Durations are finite seconds up to a day (flowspec.bounds, as the CLI's flags): a nan, inf or negative
-        `recovery_timeout` or `step_timeout` (or `Timeouts` field) is a ConfigError before anything starts.
+        `secret` (else $FLOWSPEC_SECRET) and `tls` (flowspec.net.TlsConfig: this head's certificate and key, and
+        the CA that signed every node's certificate) are how the links authenticate. `backend` is where the
+        head's compute runs and how its links reach the wire (flowspec.node.Backend; the default is this
+        machine). `drafter`: an already loaded Drafter, instead of loading `draft` at the first request.
         """
-        _check_waits(step_timeout, recovery_timeout)
+        if drafter is not None and "draft" in settings:
+            raise ConfigError("give draft= (a spec to load) or drafter= (one loaded), not both")
+        if "draft" in settings and isinstance(settings["draft"], Drafter):  # the keyword apps used before
+            drafter = settings.pop("draft")
+        config = ClusterConfig.build(config, **settings)
         parsed = peers if isinstance(peers, Peers) else read_peers(peers)
-        precisions = precisions_for(parsed, dtype, quant, group_size, device)
-        dep = deployment(model, parsed.num_stages, parsed.layers, cache_dir, precisions, prepare=[0])
-        return await cls._connect(parsed, dep, draft, cache_dir, secret or load_secret(), timeouts, step_timeout,
-                                  recovery_timeout, backend or Backend(), device, None, on_waiting, tls,
-                                  max_requests=max_requests)
+        precisions = precisions_for(parsed, config.dtype, config.quant, config.group_size, config.device)
+        dep = await asyncio.to_thread(deployment, config.model, parsed.num_stages, parsed.layers, config.cache_dir,
+                                      precisions, prepare=[0])
+        return await cls._connect(parsed, dep, config, secret=secret or load_secret(), tls=tls,
+                                  backend=backend, on_waiting=on_waiting, drafter=drafter)
 
     @classmethod
-    async def _connect(cls, peers: Peers, dep: Deployment, draft: str | Drafter | None, cache_dir: str | None,
-                       secret: bytes | None, timeouts: Timeouts | None, step_timeout: float,
-                       recovery_timeout: float, backend: Backend, device: str,
-                       local: LocalCluster | None, on_waiting: WaitingCallback | None = None,
-                       tls: TlsConfig | None = None, *, max_requests: int = MAX_REQUESTS) -> Cluster:
-        if not 1 <= max_requests <= MAX_REQUESTS:
-            raise ConfigError(f"max_requests must be 1..{MAX_REQUESTS} (a stage serves at most {MAX_REQUESTS} "
-                              f"requests at once), not {max_requests}")
-        head_device = device_for(peers, 0, device)
-        head = build_head(dep, peers, secret, timeouts or Timeouts(), step_timeout=step_timeout,
-                          recovery_timeout=recovery_timeout, backend=backend, device=head_device, tls=tls)
-        head.max_requests = max_requests
-        # the tokenizer first: loading it blocks the loop for seconds on a busy CPU, and with the links already
-        # up that missed their heartbeats (every stage dropped the head; the first request needed a recovery)
-        cluster = cls(head, dep, draft, cache_dir, local, head_device)
+    async def _connect(cls, peers: Peers, dep: Deployment, config: ClusterConfig, *, secret: bytes | None = None,
+                       tls: TlsConfig | None = None, backend: Backend | None = None,
+                       on_waiting: WaitingCallback | None = None, local: LocalCluster | None = None,
+                       drafter: Drafter | None = None) -> Cluster:
+        from flowspec.store import load_tokenizer
+
+        head_device = device_for(peers, 0, config.device)
+        head = await asyncio.to_thread(
+            build_head, dep, peers, secret, config.link_timeouts, step_timeout=config.step_timeout,
+            recovery_timeout=config.recovery_timeout, backend=backend or Backend(), device=head_device, tls=tls,
+            max_requests=config.max_requests)
+        # the tokenizer before the links: loading it takes seconds on a busy CPU, and a stage whose link is up
+        # while nothing answers its pings drops the head (on a worker thread, so the loop stays free anyway)
+        tokenizer = await asyncio.to_thread(load_tokenizer, dep.model, config.cache_dir)
+        cluster = cls(head, dep, config, tokenizer, local, head_device, drafter)
         head.links.on_waiting = on_waiting
         try:
             await head.connect()
@@ -171,8 +172,8 @@ class Cluster:
         try:
             await self.head.aclose()
         finally:
-            if self.local is not None:
-                self.local.stop()
+            if self.local is not None:  # waits up to seconds for each process: off the loop, to its end
+                await shielded(asyncio.to_thread(self.local.stop))
 
     async def __aenter__(self) -> Cluster:
         return self
@@ -299,11 +300,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
             yield from _leaves(exc)
         else:
             yield exc
-def _check_waits(step_timeout: float, recovery_timeout: float) -> None:
-    """The API's own durations meet the rule every --*-timeout flag does (flowspec.bounds); `Timeouts` checks
-    itself."""
-    seconds(step_timeout, "step_timeout")
-    seconds(recovery_timeout, "recovery_timeout", zero=True)
 
 
 def _eos_ids(folder: Path, tokenizer: Any, config_eos: Sequence[int]) -> tuple[int, ...]:

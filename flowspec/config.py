@@ -1,4 +1,6 @@
-"""The peers file and the secret: parsed and validated once, with line-numbered errors.
+"""Configuration, parsed and validated once: the peers file and the secret (with line-numbered errors), and
+`ClusterConfig`, the one frozen object a head's cluster is built from (by the CLI's flags or the API's keywords),
+with one default for each setting.
 
     # peers.txt: one host:port per line in pipeline order, the head (D0) first
     192.168.1.10:7000
@@ -18,13 +20,25 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
+from flowspec.bounds import check, seconds
 from flowspec.errors import ConfigError
+from flowspec.model.precision import DEFAULT_GROUP_SIZE
+from flowspec.net import MAX_REQUESTS, Timeouts
 from flowspec.net.link import format_address
 
-__all__ = ["Peer", "Peers", "load_secret", "parse_peers", "read_peers", "read_text_file", "split_address"]
+__all__ = ["HEARTBEAT_TIMEOUT_S", "RECOVERY_TIMEOUT_S", "STEP_TIMEOUT_S", "ClusterConfig", "Peer", "Peers",
+           "load_secret", "parse_peers", "read_peers", "read_text_file", "split_address"]
+
+# The pipeline's deadlines, one default each (the CLI's flags, the API and every node read them here).
+HEARTBEAT_TIMEOUT_S = 5.0  # silence before a peer is dead: 5 missed pings, longer than a Wi-Fi spike
+STEP_TIMEOUT_S = 60.0  # no progress this long with heartbeats flowing: a stage is stalled (a Pi's long prefill
+# takes tens of seconds per stage)
+RECOVERY_TIMEOUT_S = 30.0  # how long a stage that is not up yet, or was lost, is waited for
 
 _OPTIONS = ("layers", "standby", "device", "dtype", "quant")
 _CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "quant": ("none", "int8", "int4")}
@@ -182,3 +196,56 @@ def load_secret(secret_file: str | None = None) -> bytes | None:
         return data
     env = os.environ.get("FLOWSPEC_SECRET", "").strip()
     return env.encode() if env else None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """How a head runs its pipeline: built once from flags (flowspec.cli.options.cluster_config) or the API's
+    keywords (`Cluster.connect(..., model=...)`), checked as it is built, frozen. Where the stages are (a peers
+    file, or local processes) and how to reach them (secret, TLS) are given beside it."""
+
+    model: str
+    draft: str | None = None  # a model sharing the target's tokenizer, self, self:layers=N, random
+    cache_dir: str | None = None
+    device: str = "auto"  # every part's number format, unless its peers line says otherwise
+    dtype: str = "auto"
+    quant: str = "none"
+    group_size: int = DEFAULT_GROUP_SIZE
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S
+    step_timeout: float = STEP_TIMEOUT_S
+    recovery_timeout: float = RECOVERY_TIMEOUT_S  # 0: a lost stage fails its requests at once
+    max_requests: int = MAX_REQUESTS  # requests generated at once (a stage serves at most MAX_REQUESTS)
+    timeouts: Timeouts | None = None  # every link deadline, for callers who tune them; else from the heartbeat
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("a model is needed: pass model= (a name from `flowspec models list`, or a folder)")
+        seconds(self.heartbeat_timeout, "heartbeat_timeout")
+        seconds(self.step_timeout, "step_timeout")
+        seconds(self.recovery_timeout, "recovery_timeout", zero=True)
+        check(self.max_requests, "max_requests", 1, MAX_REQUESTS, whole=True)
+
+    @classmethod
+    def build(cls, base: ClusterConfig | None = None, **settings: Any) -> ClusterConfig:
+        """`base` (or the defaults) with `settings` (field -> value) applied; an unknown name is refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"unknown cluster setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if base is None:
+            return cls(**settings)
+        return replace(base, **settings)
+
+    @property
+    def link_timeouts(self) -> Timeouts:
+        """The head's link deadlines (and the stages' heartbeat, for local stages)."""
+        return self.timeouts or Timeouts.for_heartbeat(self.heartbeat_timeout)
+
+    def formats(self) -> Mapping[str, Any]:
+        return {"device": self.device, "dtype": self.dtype, "quant": self.quant, "group_size": self.group_size}
+
+    def stage_args(self) -> list[str]:
+        """What every local stage process is started with, so that it runs as this head expects."""
+        return ["--device", self.device, "--dtype", self.dtype, "--quant", self.quant,
+                "--group-size", str(self.group_size),
+                "--heartbeat-timeout", repr(self.link_timeouts.heartbeat_timeout)]

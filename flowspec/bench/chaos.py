@@ -118,8 +118,7 @@ class Chaos:
         self.rng = random.Random(config.seed)
         self.local = LocalCluster(MODEL, config.stages, cache_dir=config.cache_dir,
                                   extra_args=["--heartbeat-timeout", repr(config.heartbeat_timeout)])
-        self.timeouts = Timeouts(heartbeat_interval=min(1.0, config.heartbeat_timeout / 4),
-                                 heartbeat_timeout=config.heartbeat_timeout)
+        self.timeouts = Timeouts.for_heartbeat(config.heartbeat_timeout)
         self.references: dict[tuple[str, int], list[int]] = {}
         self.durations: dict[str, float] = {}
         self.drafter: Any = None

@@ -286,16 +286,16 @@ async def _cluster(plan: BenchPlan, drafter: Drafter | None,
     from flowspec.api import Cluster
     from flowspec.bench.node import emulation_args
     from flowspec.bench.testbed import EmulatedBackend
-    from flowspec.net import Timeouts
+    from flowspec.config import ClusterConfig
     from flowspec.node.local import LocalCluster
 
     if not plan.pipeline:
         yield None, None
         return
     # heartbeats ride the dilated, shaped links: give them room in proportion to D
-    beat = 5.0 + 2.0 * dilation
-    node_args = ["--heartbeat-timeout", str(beat), "--device", plan.device, "--dtype", plan.dtype, "--quant",
-                 plan.quant, "--group-size", str(plan.group_size)]
+    config = ClusterConfig(model=plan.model, cache_dir=plan.cache_dir, heartbeat_timeout=5.0 + 2.0 * dilation,
+                           step_timeout=plan.step_timeout(dilation), **plan.formats)
+    node_args = config.stage_args()
     module = "flowspec.cli.node"
     head_backend = None
     if plan.profile is not None:
@@ -306,10 +306,7 @@ async def _cluster(plan: BenchPlan, drafter: Drafter | None,
     local = LocalCluster(plan.model, plan.stages, plan.layers, plan.cache_dir, extra_args=node_args, module=module)
     try:
         await local.start()
-        async with await Cluster.connect(local.peers, model=plan.model, draft=drafter, cache_dir=plan.cache_dir,
-                                         timeouts=Timeouts(heartbeat_timeout=beat),
-                                         step_timeout=plan.step_timeout(dilation), backend=head_backend,
-                                         **plan.formats) as cluster:
+        async with await Cluster.connect(local.peers, config, backend=head_backend, drafter=drafter) as cluster:
             yield cluster, head_backend
     finally:
         local.stop()

@@ -69,12 +69,13 @@ def _ensure_pulled(model: str, draft: str | None, cache_dir: str | None) -> None
 
 async def _demo(args: argparse.Namespace) -> int:
     from flowspec.api import default_draft
+    from flowspec.config import ClusterConfig
 
     draft = args.draft or default_draft(args.model)
     _ensure_pulled(args.model, draft, args.cache_dir)
     print(f"starting {args.stages} local stages of {args.model} (draft {draft}) ...", file=sys.stderr)
-    async with await Cluster.start_local(args.model, args.stages, draft=draft, cache_dir=args.cache_dir,
-                                         **formats(args)) as c:
+    config = ClusterConfig(model=args.model, draft=draft, cache_dir=args.cache_dir, **formats(args))
+    async with await Cluster.start_local(config=config, stages=args.stages) as c:
         fmt = c.dep.precisions[1]
         print(f"number format: {fmt.tag} on {c.device}"
               + ("" if fmt.exact else " (fast; --quant none --dtype float32 is token-identical to transformers)"),

@@ -30,7 +30,7 @@ from flowspec.cli.options import (
     stage_count,
     tls_config,
 )
-from flowspec.config import Peer, Peers, read_peers, split_address
+from flowspec.config import HEARTBEAT_TIMEOUT_S, Peer, Peers, read_peers, split_address
 from flowspec.errors import ConfigError, FlowSpecError
 from flowspec.logging import configure_logging
 from flowspec.net import Timeouts, install_uvloop, serve
@@ -55,7 +55,7 @@ def node_parser() -> argparse.ArgumentParser:
                    help="allow listening on a non-loopback address without a shared secret or TLS")
     p.add_argument("--threads", type=Number(0, MAX_THREADS, note="0 = torch's choice"), default=0,
                    help="torch threads (default 0: torch's choice)")
-    p.add_argument("--heartbeat-timeout", type=duration, default=5.0,
+    p.add_argument("--heartbeat-timeout", type=duration, default=HEARTBEAT_TIMEOUT_S,
                    help="seconds of silence before a peer is dead (default 5)")
     p.add_argument("--parent-pid", type=Number(1, MAX_PID),
                    help="stop when this process's parent, PID, exits, and when stdin (a pipe from it) reaches "
@@ -95,9 +95,7 @@ async def serve_stage(args: argparse.Namespace, make_backend: BackendFactory | N
     device = device_for(peers, args.index, args.device)
     precisions = precisions_for(peers, args.dtype, args.quant, args.group_size, args.device)
     dep = deployment(args.model, peers.num_stages, peers.layers, args.cache_dir, precisions, prepare=[args.index])
-    # ping at least 4 times per timeout, so that a short timeout does not fire on a healthy peer
-    timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
-                        heartbeat_timeout=args.heartbeat_timeout)
+    timeouts = Timeouts.for_heartbeat(args.heartbeat_timeout)
     backend = make_backend(peers, args.index) if make_backend is not None else Backend()
     node = build_stage(dep, peers, args.index, secret, timeouts, backend=backend, device=device, tls=tls)
     await node.probe()

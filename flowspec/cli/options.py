@@ -14,13 +14,14 @@ from flowspec.bounds import MAX_COUNT, MAX_SECONDS, MAX_STAGES, problem
 
 if TYPE_CHECKING:
     from flowspec.api import Cluster
+    from flowspec.config import ClusterConfig
     from flowspec.net import TlsConfig
     from flowspec.node.head import GenerationResult
     from flowspec.prompts import Prompt
     from flowspec.sched import BudgetOverrides
 
 __all__ = ["Number", "Numbers", "WaitStatus", "add_budget_args", "add_pipeline_args", "add_precision_args",
-           "add_sampling_args", "add_tls_args", "budget_overrides", "check_can_listen", "check_pipeline_args", "count0",
+           "add_sampling_args", "add_tls_args", "budget_overrides", "check_can_listen", "cluster_config", "check_pipeline_args", "count0",
            "duration", "factor", "formats", "layer_counts", "listen_error", "open_cluster", "port", "positive_int",
            "reach", "result_row", "seed", "stage_count", "tls_config", "wait_duration"]
 
@@ -125,7 +126,7 @@ def add_precision_args(p: argparse.ArgumentParser, *, device: bool = True, quant
 
 
 def formats(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags of `add_precision_args` as keyword arguments of `Cluster.start_local` / `Cluster.connect`."""
+    """The flags of `add_precision_args` as ClusterConfig fields."""
     return {"device": getattr(args, "device", "auto"), "dtype": args.dtype, "quant": args.quant,
             "group_size": args.group_size}
 
@@ -262,12 +263,18 @@ def add_pipeline_args(p: argparse.ArgumentParser, model_help: str = "target mode
     p.add_argument("--mode", default="flowspec", choices=["ar", "chunk", "pipedec", "flowspec"])
     p.add_argument("--cache-dir", help="model cache (default $FLOWSPEC_CACHE or ~/.cache/flowspec)")
     p.add_argument("--secret-file", help="shared secret for --peers (else $FLOWSPEC_SECRET)")
-    p.add_argument("--heartbeat-timeout", type=duration,
-                   help="seconds of silence before a stage is declared dead (default 5; with --local also "
-                        "passed to the stage processes)")
-    p.add_argument("--recovery-timeout", type=wait_duration, default=30.0,
+    from flowspec.config import HEARTBEAT_TIMEOUT_S, RECOVERY_TIMEOUT_S, STEP_TIMEOUT_S
+
+    p.add_argument("--heartbeat-timeout", type=duration, default=HEARTBEAT_TIMEOUT_S,
+                   help=f"seconds of silence before a stage is declared dead (default {HEARTBEAT_TIMEOUT_S:g}; "
+                        "with --local also passed to the stage processes)")
+    p.add_argument("--step-timeout", type=duration, default=STEP_TIMEOUT_S,
+                   help="seconds without progress (heartbeats still flowing) before a stalled or far too slow "
+                        f"stage fails the request (default {STEP_TIMEOUT_S:g}; raise it for a long prompt on "
+                        "slow devices)")
+    p.add_argument("--recovery-timeout", type=wait_duration, default=RECOVERY_TIMEOUT_S,
                    help="seconds to wait for a stage that is not up yet or was lost (restarted, or a standby= "
-                        "address) before its requests fail; 0 = fail at once (default 30)")
+                        f"address) before its requests fail; 0 = fail at once (default {RECOVERY_TIMEOUT_S:g})")
 
 
 def check_pipeline_args(args: argparse.Namespace) -> None:
@@ -282,27 +289,28 @@ def check_pipeline_args(args: argparse.Namespace) -> None:
         raise ConfigError("--tls-cert/--tls-key/--tls-ca are for --peers; --local stages run on loopback")
 
 
-async def open_cluster(args: argparse.Namespace, **extra: Any) -> Cluster:
-    """The cluster `add_pipeline_args` describes: local stage processes started here, or running nodes connected
-    to (with the waiting-for-stage status while one is not up yet). `extra`: more keyword arguments for both."""
+def cluster_config(args: argparse.Namespace, **settings: Any) -> ClusterConfig:
+    """The one ClusterConfig the flags of `add_pipeline_args` and `add_precision_args` describe (`settings`: a
+    command's own, e.g. serve's max_requests)."""
+    from flowspec.config import ClusterConfig
+
+    return ClusterConfig(model=args.model, draft=args.draft, cache_dir=args.cache_dir,
+                         heartbeat_timeout=args.heartbeat_timeout, step_timeout=args.step_timeout,
+                         recovery_timeout=args.recovery_timeout, **formats(args), **settings)
+
+
+async def open_cluster(args: argparse.Namespace, config: ClusterConfig) -> Cluster:
+    """The cluster `add_pipeline_args` describes, built from `config`: local stage processes started here, or
+    running nodes connected to (with the waiting-for-stage status while one is not up yet)."""
     from flowspec.api import Cluster
     from flowspec.config import load_secret
-    from flowspec.net import Timeouts
 
-    timeouts, node_args = None, []
-    if args.heartbeat_timeout is not None:
-        # ping at least 4 times per timeout, so that a short timeout does not fire on a healthy peer
-        timeouts = Timeouts(heartbeat_interval=min(1.0, args.heartbeat_timeout / 4),
-                            heartbeat_timeout=args.heartbeat_timeout)
-        node_args = ["--heartbeat-timeout", repr(args.heartbeat_timeout)]
-    common = {"draft": args.draft, "cache_dir": args.cache_dir, "timeouts": timeouts,
-              "recovery_timeout": args.recovery_timeout, **formats(args), **extra}
     if args.local:
-        return await Cluster.start_local(args.model, args.stages, layers=args.layers, node_args=node_args, **common)
+        return await Cluster.start_local(config=config, stages=args.stages, layers=args.layers)
     status = WaitStatus()
     try:
-        return await Cluster.connect(args.peers, model=args.model, secret=load_secret(args.secret_file),
-                                     on_waiting=status, tls=tls_config(args), **common)
+        return await Cluster.connect(args.peers, config, secret=load_secret(args.secret_file), on_waiting=status,
+                                     tls=tls_config(args))
     finally:
         status.done()
 

@@ -17,6 +17,7 @@ from flowspec.cli.options import (
     add_tls_args,
     budget_overrides,
     check_pipeline_args,
+    cluster_config,
     open_cluster,
     positive_int,
     result_row,
@@ -64,7 +65,7 @@ def _prompts(args: argparse.Namespace) -> list[Prompt]:
 
 
 async def _run(args: argparse.Namespace, prompts: list[Prompt]) -> int:
-    cluster = await open_cluster(args)
+    cluster = await open_cluster(args, cluster_config(args))
     request = Request(args.mode, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                       budget_overrides(args))
     async with cluster:

@@ -22,6 +22,7 @@ from flowspec.cli.options import (
     budget_overrides,
     check_can_listen,
     check_pipeline_args,
+    cluster_config,
     listen_error,
     open_cluster,
     port,
@@ -108,7 +109,7 @@ def _is_loopback(host: str) -> bool:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    cluster = await open_cluster(args, max_requests=args.max_concurrent)
+    cluster = await open_cluster(args, cluster_config(args, max_requests=args.max_concurrent))
     async with cluster:
         await cluster.prepare(args.mode)  # the drafter now, not during the first request
         limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from flowspec.config import Peers
+from flowspec.config import RECOVERY_TIMEOUT_S, STEP_TIMEOUT_S, Peers
 from flowspec.errors import ConfigError
 from flowspec.model import ModelConfig
 from flowspec.model.precision import DEFAULT_GROUP_SIZE, Precision, resolve_device
-from flowspec.net import PROTOCOL_VERSION, Hello, Limits, Timeouts, TlsConfig
+from flowspec.net import MAX_REQUESTS, PROTOCOL_VERSION, Hello, Limits, Timeouts, TlsConfig
 from flowspec.node.backend import Backend
 from flowspec.node.head import HeadNode
 from flowspec.node.links import StageLinks
@@ -88,16 +88,16 @@ def build_stage(dep: Deployment, peers: Peers, index: int, secret: bytes | None,
 
 
 def build_head(dep: Deployment, peers: Peers, secret: bytes | None, timeouts: Timeouts, *, drafter: Any = None,
-               step_timeout: float = 30.0, recovery_timeout: float = 30.0,
+               step_timeout: float = STEP_TIMEOUT_S, recovery_timeout: float = RECOVERY_TIMEOUT_S,
                backend: Backend | None = None, device: torch.device | str = "cpu",
-               tls: TlsConfig | None = None) -> HeadNode:
+               tls: TlsConfig | None = None, max_requests: int = MAX_REQUESTS) -> HeadNode:
     backend = backend or Backend()
     standbys = {k: p.standbys for k, p in enumerate(peers.stages, start=1) if p.standbys}
     links = StageLinks([(p.host, p.port) for p in peers.stages], dep.hello("head", 0), dep.limits(), timeouts,
                        secret, standbys=standbys, recovery_timeout=recovery_timeout, network=backend.network,
                        tls=tls)
     return HeadNode(load_head(dep.shard(0), device=device), links, drafter=drafter, step_timeout=step_timeout,
-                    backend=backend)
+                    backend=backend, max_requests=max_requests)
 
 
 def precisions_for(peers: Peers, dtype: str = "auto", quant: str = "none",

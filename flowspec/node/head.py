@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import structlog
 
 from flowspec.compat import shielded
+from flowspec.config import STEP_TIMEOUT_S
 from flowspec.errors import LocalProtocolError, RequestRejected
 from flowspec.net import MAX_REQUESTS
 from flowspec.node.backend import Backend
@@ -42,7 +43,7 @@ class _End:
 
 class HeadNode:
     def __init__(self, lm_head: LMHeadLike, links: StageLinks, *, drafter: DrafterLike | None = None,
-                 step_timeout: float = 30.0, backend: Backend | None = None,
+                 step_timeout: float = STEP_TIMEOUT_S, backend: Backend | None = None,
                  max_requests: int = MAX_REQUESTS) -> None:
         self.lm_head, self.links, self.drafter = lm_head, links, drafter
         self.step_timeout = step_timeout  # no progress this long: a stage is stalled (heartbeats still flow)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from flowspec.compat import TaskGroup
+from flowspec.config import RECOVERY_TIMEOUT_S
 from flowspec.errors import FlowSpecError, LocalProtocolError, StageFailed, StageTimeout
 from flowspec.net import (
     DIRECT,
@@ -70,7 +71,8 @@ class StageLinks:
 
     def __init__(self, stages: Sequence[tuple[str, int]], hello: Hello, limits: Limits, timeouts: Timeouts,
                  secret: bytes | None, *, standbys: dict[int, list[tuple[str, int]]] | None = None,
-                 recovery_timeout: float = 30.0, network: Network = DIRECT, tls: TlsConfig | None = None) -> None:
+                 recovery_timeout: float = RECOVERY_TIMEOUT_S, network: Network = DIRECT,
+                 tls: TlsConfig | None = None) -> None:
         self.addresses = list(stages)
         self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
         self.standbys = standbys or {}  # stage -> standby addresses serving the same layers

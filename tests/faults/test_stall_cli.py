@@ -1,7 +1,6 @@
 """`flowspec run` against a pipeline whose stage 2 is SIGSTOPped mid-answer, with heartbeats allowed to be
 silent longer than the step timeout: the head's "no progress" StageTimeout ends the command with one
-`error:` line and a non-zero exit, not an ExceptionGroup traceback. (No flag sets the step timeout; the command
-runs through tests/short_step.py, which gives it one of 2 s.)"""
+`error:` line and a non-zero exit, not an ExceptionGroup traceback (--step-timeout 2)."""
 
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ def first_output(proc: subprocess.Popen[str], timeout_s: float) -> str:
 
 
 def test_flowspec_run_with_a_stalled_stage_ends_with_one_error_line(pipe: Pipeline) -> None:
-    cmd = [sys.executable, "-m", "tests.short_step", str(STEP_TIMEOUT_S), "run", "--peers",
+    cmd = [sys.executable, "-m", "flowspec", "run", "--step-timeout", str(STEP_TIMEOUT_S), "--peers",
            str(pipe.local.peers_path), "--model", SMOL, "--mode", "ar", "--max-new-tokens", "2000",
            "--prompt", "Write a long story about a lighthouse keeper and her cat.",
            "--heartbeat-timeout", "120", "--recovery-timeout", "0"]

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,13 +100,13 @@ def _stage_logs(pid: int) -> dict[int, Path]:
     return logs
 
 
-def start_server(tmp: Path, *extra: str, launcher: Sequence[str] = ("-m", "flowspec")) -> LiveServer:
-    """`launcher`: what runs the command (tests/short_step.py gives its head a short step timeout)."""
+def start_server(tmp: Path, *extra: str) -> LiveServer:
+    """A real `flowspec serve --local` process; `extra`: more flags."""
     require_model(SMOL)
     port = free_ports(1)[0]
     log = tmp / "serve.log"
     env = dict(os.environ, FLOWSPEC_LOG="info")  # the stages log request.open / request.closed
-    cmd = [sys.executable, *launcher, "serve", "--local", "--stages", str(STAGES), "--model", SMOL,
+    cmd = [sys.executable, "-m", "flowspec", "serve", "--local", "--stages", str(STAGES), "--model", SMOL,
            "--draft", DRAFT, "--port", str(port), "--api-key", API_KEY, "--max-concurrent", str(MAX_CONCURRENT),
            "--max-body-bytes", str(MAX_BODY), *extra]
     with open(log, "wb") as out:

@@ -173,7 +173,7 @@ async def test_a_second_signal_ends_the_drain_at_once(tmp_path: Path) -> None:
 
 async def test_a_stalled_stage_ends_the_stream_with_an_error_event_and_done(tmp_path: Path) -> None:
     # heartbeats may be silent for 120 s: only the head's 2 s step timeout sees the stall
-    server = start_server(tmp_path, "--heartbeat-timeout", "120", launcher=("-m", "tests.short_step", "2"))
+    server = start_server(tmp_path, "--heartbeat-timeout", "120", "--step-timeout", "2")
     stage2 = server.stage_pid(2)
     try:
         async with long_stream(server) as stream:
