@@ -9,7 +9,7 @@ import pytest
 
 from flowspec.cli.serve import check_bind
 from flowspec.errors import ConfigError
-from flowspec.serve.schema import ApiError, Limits, parse_chat, parse_completion
+from flowspec.serve.protocol import ApiError, Limits, parse_chat, parse_completion
 from flowspec.text import TextStream
 
 LIMITS = Limits(max_messages=3, max_tokens=100, default_max_tokens=50)
