@@ -75,8 +75,13 @@ class Job:
 class Serving:
     def __init__(self, cluster: Cluster, config: ServeConfig) -> None:
         self.cluster, self.config = cluster, config
-        self.admitted = 0  # requests admitted and not yet answered: what max_concurrent bounds
-        self.metrics = ServeMetrics(cluster.head, config.model, lambda: self.admitted)
+        # Requests admitted and not yet answered: what `max_concurrent` bounds. Not the head's `running`: the
+        # 429 must be decided and the place taken in one synchronous step, before any await, while the head
+        # counts a request only once its generation has begun (after the stream's headers are sent, and after a
+        # drafter load), and lets it go before the answer's last chunks are written. Counting the head's would
+        # let requests that arrive together all pass and queue in the head instead of getting their 429.
+        self.admitted = 0
+        self.metrics = ServeMetrics(cluster.head, config.model)  # its running/waiting gauges: the head's own
         self.last: dict[str, Any] | None = None  # the last answer's statistics
         self.draining = False  # shutting down: new requests get a 503
         self._generations: set[asyncio.Task[Any]] = set()  # those in flight, which a drain may end
@@ -285,6 +290,6 @@ class Serving:
             stages.append({"stage": k, "address": f"{host}:{port}", "up": error is None, "error": error})
         down = [s["stage"] for s in stages if not s["up"]]
         return {"status": "ok" if not down else "degraded", "model": self.config.model, "mode": self.config.mode,
-                "stages": stages, "down": down, "running": self.admitted,
+                "stages": stages, "down": down, "running": self.admitted,  # beside the bound it counts against
                 "max_concurrent": self.config.max_concurrent, "open_requests": links.open_requests,
                 "recoveries": links.generation}

@@ -196,3 +196,55 @@ def test_sampling_values_in_range_pass_every_edge() -> None:
     for t, p in ((0, 1), (2, 0.01), (0.7, 0.9)):
         gen = parse_chat(chat(temperature=t, top_p=p), LIMITS)
         assert (gen.temperature, gen.top_p) == (t, p) == (temperature(str(t)), top_p(str(p)))
+
+
+async def test_the_running_and_waiting_gauges_are_the_heads_own_counts() -> None:
+    """/metrics' num_requests_running and num_requests_waiting read the head (as vLLM's read its engine): a
+    request waiting for a place in the head is waiting, not running as well. /health's `running` stays the
+    server's own admission count (what --max-concurrent bounds): none came through HTTP here."""
+    import asyncio
+    import contextlib
+    from types import SimpleNamespace
+
+    from aiohttp import test_utils
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from flowspec.node.backend import Backend
+    from flowspec.node.head import HeadNode
+    from flowspec.sched import Budget, Mode, SamplingParams
+    from flowspec.serve import ServeConfig, Server
+    from tests.node.fakes import CountingHead, FakeStages, Script
+
+    gate = asyncio.Event()
+    stages = FakeStages(2, Script(gates={"prefill": gate}))  # the first request holds its place, prefilling
+    stages.links = [SimpleNamespace(error=None, bytes_sent=0, bytes_received=0)] * 2  # what /metrics reads
+    stages.addresses = [("127.0.0.1", 1), ("127.0.0.1", 2)]  # type: ignore[attr-defined]  # what /health reads
+    backend = Backend()
+    head = HeadNode(CountingHead(), stages, backend=backend, max_requests=1)  # type: ignore[arg-type]
+    server = Server(SimpleNamespace(head=head), ServeConfig(model="m"))  # type: ignore[arg-type]
+
+    async def second_waits() -> None:
+        while head.waiting < 1:
+            await asyncio.sleep(0.01)
+
+    async def generate() -> None:
+        async with contextlib.aclosing(head.generate([1, 2, 3], Budget(Mode.AR, 2), SamplingParams(), 4)) as tokens:
+            async for _ in tokens:
+                pass
+
+    async def counts(http: test_utils.TestClient) -> tuple[float, float, int]:  # type: ignore[type-arg]
+        gauges = {sample.name: sample.value for family in text_string_to_metric_families(
+            await (await http.get("/metrics")).text()) for sample in family.samples}
+        health = await (await http.get("/health")).json()
+        return gauges["flowspec:num_requests_running"], gauges["flowspec:num_requests_waiting"], health["running"]
+
+    try:
+        async with test_utils.TestClient(test_utils.TestServer(server.app())) as http:
+            requests = [asyncio.create_task(generate()) for _ in range(2)]
+            await asyncio.wait_for(second_waits(), 30)  # for the first's place
+            assert await counts(http) == (1.0, 1.0, 0)
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(*requests), 30)
+            assert await counts(http) == (0.0, 0.0, 0)
+    finally:
+        await backend.aclose()
