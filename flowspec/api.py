@@ -69,16 +69,14 @@ class Cluster:
     """A head (this process) connected to a pipeline of stages. Make one with `start_local` or `connect`."""
 
     def __init__(self, head: HeadNode, dep: Deployment, config: ClusterConfig, tokenizer: Any,
-                 local: LocalCluster | None = None, device: torch.device | None = None,
-                 drafter: Drafter | None = None) -> None:
+                 local: LocalCluster | None = None, device: torch.device | None = None) -> None:
         from flowspec.store import resolve
 
         self.head, self.dep, self.config, self.tokenizer, self.local = head, dep, config, tokenizer, local
         self.cache_dir = config.cache_dir
         self.device = device or torch.device("cpu")  # the head's: its lm_head and drafter
-        self.draft_spec = drafter.name if drafter is not None else config.draft
-        if drafter is not None:
-            head.drafter = drafter
+        drafter = head.drafter
+        self.draft_spec = getattr(drafter, "name", None) if drafter is not None else config.draft
         self._drafter_loading = asyncio.Lock()  # concurrent first requests load the drafter once
         self.eos_ids = _eos_ids(resolve(dep.model, config.cache_dir), tokenizer, dep.config.eos_token_ids)
 
@@ -155,12 +153,11 @@ class Cluster:
         head = await asyncio.to_thread(
             build_head, dep, peers, secret, config.link_timeouts, step_timeout=config.step_timeout,
             recovery_timeout=config.recovery_timeout, backend=backend or Backend(), device=head_device, tls=tls,
-            max_requests=config.max_requests)
+            max_requests=config.max_requests, drafter=drafter, on_waiting=on_waiting)
         # the tokenizer before the links: loading it takes seconds on a busy CPU, and a stage whose link is up
         # while nothing answers its pings drops the head (on a worker thread, so the loop stays free anyway)
         tokenizer = await asyncio.to_thread(load_tokenizer, dep.model, config.cache_dir)
-        cluster = cls(head, dep, config, tokenizer, local, head_device, drafter)
-        head.links.on_waiting = on_waiting
+        cluster = cls(head, dep, config, tokenizer, local, head_device)
         try:
             await head.connect()
         except BaseException:

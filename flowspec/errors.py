@@ -53,7 +53,12 @@ class StageFailed(FlowSpecError):
 
 class RequestRejected(FlowSpecError):
     """The cluster cannot serve this request as asked (longer than the model's context, bad arguments).
-    Nothing was sent: retrying it unchanged fails the same way."""
+    Nothing was sent: retrying it unchanged fails the same way. `code` names the rule (OpenAI's where one
+    exists: `context_length_exceeded`)."""
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class RequestCancelled(FlowSpecError):

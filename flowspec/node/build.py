@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,12 +90,15 @@ def build_stage(dep: Deployment, peers: Peers, index: int, secret: bytes | None,
 def build_head(dep: Deployment, peers: Peers, secret: bytes | None, timeouts: Timeouts, *, drafter: Any = None,
                step_timeout: float = STEP_TIMEOUT_S, recovery_timeout: float = RECOVERY_TIMEOUT_S,
                backend: Backend | None = None, device: torch.device | str = "cpu",
-               tls: TlsConfig | None = None, max_requests: int = MAX_REQUESTS) -> HeadNode:
+               tls: TlsConfig | None = None, max_requests: int = MAX_REQUESTS,
+               on_waiting: Callable[[int, str, float], None] | None = None) -> HeadNode:
+    """The head of the pipeline `peers` describes; `on_waiting(stage, address, seconds)` is told while a stage
+    is not up yet."""
     backend = backend or Backend()
     standbys = {k: p.standbys for k, p in enumerate(peers.stages, start=1) if p.standbys}
     links = StageLinks([(p.host, p.port) for p in peers.stages], dep.hello("head", 0), dep.limits(), timeouts,
                        secret, standbys=standbys, recovery_timeout=recovery_timeout, network=backend.network,
-                       tls=tls)
+                       tls=tls, on_waiting=on_waiting)
     return HeadNode(load_head(dep.shard(0), device=device), links, drafter=drafter, step_timeout=step_timeout,
                     backend=backend, max_requests=max_requests)
 

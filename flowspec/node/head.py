@@ -48,6 +48,8 @@ class HeadNode:
         self.lm_head, self.links, self.drafter = lm_head, links, drafter
         self.step_timeout = step_timeout  # no progress this long: a stage is stalled (heartbeats still flow)
         self.backend = backend or Backend()
+        if not 1 <= max_requests <= MAX_REQUESTS:
+            raise LocalProtocolError(f"max_requests {max_requests}: a stage serves 1..{MAX_REQUESTS} at once")
         self.max_requests = max_requests  # requests in flight at once; more wait (a stage refuses past its own)
         self.running = 0  # requests admitted now
         self._waiters: list[asyncio.Future[None]] = []  # requests waiting for a place
@@ -99,7 +101,7 @@ class HeadNode:
                 f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs "
                 f"{prompt_len + max_new_tokens + 1} positions, past the model's context of {context}: shorten "
                 f"the prompt or lower max_new_tokens (--max-new-tokens) to at most "
-                f"{max(context - 1 - prompt_len, 0)}")
+                f"{max(context - 1 - prompt_len, 0)}", code="context_length_exceeded")
 
     async def generate(self, prompt: Sequence[int], budget: Budget, sampling: SamplingParams,
                        max_new_tokens: int, eos_ids: Sequence[int] = (),
@@ -115,8 +117,6 @@ class HeadNode:
         if budget.mode is not Mode.AR and self.drafter is None:
             raise LocalProtocolError(f"mode {budget.mode.value} needs a drafter")
         self.check_request(len(prompt), max_new_tokens)
-        if self.max_requests > MAX_REQUESTS:
-            raise LocalProtocolError(f"max_requests {self.max_requests}: a stage serves at most {MAX_REQUESTS}")
         result = result if result is not None else GenerationResult()
         start = time.monotonic()
         await self._admit()

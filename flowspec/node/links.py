@@ -72,7 +72,7 @@ class StageLinks:
     def __init__(self, stages: Sequence[tuple[str, int]], hello: Hello, limits: Limits, timeouts: Timeouts,
                  secret: bytes | None, *, standbys: dict[int, list[tuple[str, int]]] | None = None,
                  recovery_timeout: float = RECOVERY_TIMEOUT_S, network: Network = DIRECT,
-                 tls: TlsConfig | None = None) -> None:
+                 tls: TlsConfig | None = None, on_waiting: Callable[[int, str, float], None] | None = None) -> None:
         self.addresses = list(stages)
         self.hello, self.limits, self.timeouts, self.secret = hello, limits, timeouts, secret
         self.standbys = standbys or {}  # stage -> standby addresses serving the same layers
@@ -87,7 +87,7 @@ class StageLinks:
         self._stop = asyncio.Event()
         self._waited: dict[int, float] = {}  # stage -> seconds waited for it so far, while waiting
         # told (stage, address, seconds waited) while a stage is unreachable: `flowspec run` shows a status line
-        self.on_waiting: Callable[[int, str, float], None] | None = None
+        self.on_waiting = on_waiting
         # Ids unique across heads: a stage drops late frames of a finished request by id, so a new head must
         # not reuse an id another head (or an earlier attempt) used on the same stages.
         self._next_req = secrets.randbits(62)

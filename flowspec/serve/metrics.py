@@ -8,7 +8,7 @@ Link and stage series are read from the head's links when scraped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -40,12 +40,13 @@ class Finished:
 
 
 class ServeMetrics:
-    def __init__(self, head: HeadNode, model: str, running: Callable[[], int]) -> None:
+    def __init__(self, head: HeadNode, model: str) -> None:
         self.registry = CollectorRegistry()
         self.model, self.head = model, head
         r, m = self.registry, ["model_name"]
+        # the head's own counts, as vLLM's are its engine's: a request is running or waiting, never both
         Gauge("flowspec:num_requests_running", "Requests being generated now", m, registry=r) \
-            .labels(model).set_function(lambda: float(running()))
+            .labels(model).set_function(lambda: float(head.running))
         Gauge("flowspec:num_requests_waiting", "Requests admitted by the server, waiting for the head", m,
               registry=r).labels(model).set_function(lambda: float(head.waiting))
         self.success = Counter("flowspec:request_success", "Finished requests by finish reason (stop, length, "

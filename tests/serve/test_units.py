@@ -9,7 +9,7 @@ import pytest
 
 from flowspec.cli.serve import check_bind
 from flowspec.errors import ConfigError
-from flowspec.serve.schema import ApiError, Limits, parse_chat, parse_completion
+from flowspec.serve.protocol import ApiError, Limits, parse_chat, parse_completion
 from flowspec.text import TextStream
 
 LIMITS = Limits(max_messages=3, max_tokens=100, default_max_tokens=50)
@@ -196,3 +196,78 @@ def test_sampling_values_in_range_pass_every_edge() -> None:
     for t, p in ((0, 1), (2, 0.01), (0.7, 0.9)):
         gen = parse_chat(chat(temperature=t, top_p=p), LIMITS)
         assert (gen.temperature, gen.top_p) == (t, p) == (temperature(str(t)), top_p(str(p)))
+
+
+async def test_the_running_and_waiting_gauges_are_the_heads_own_counts() -> None:
+    """/metrics' num_requests_running and num_requests_waiting read the head (as vLLM's read its engine): a
+    request waiting for a place in the head is waiting, not running as well. /health's `running` stays the
+    server's own admission count (what --max-concurrent bounds): none came through HTTP here."""
+    import asyncio
+    import contextlib
+    from types import SimpleNamespace
+
+    from aiohttp import test_utils
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from flowspec.node.backend import Backend
+    from flowspec.node.head import HeadNode
+    from flowspec.sched import Budget, Mode, SamplingParams
+    from flowspec.serve import ServeConfig, Server
+    from tests.node.fakes import CountingHead, FakeStages, Script
+
+    gate = asyncio.Event()
+    stages = FakeStages(2, Script(gates={"prefill": gate}))  # the first request holds its place, prefilling
+    stages.links = [SimpleNamespace(error=None, bytes_sent=0, bytes_received=0)] * 2  # what /metrics reads
+    stages.addresses = [("127.0.0.1", 1), ("127.0.0.1", 2)]  # type: ignore[attr-defined]  # what /health reads
+    backend = Backend()
+    head = HeadNode(CountingHead(), stages, backend=backend, max_requests=1)  # type: ignore[arg-type]
+    server = Server(SimpleNamespace(head=head), ServeConfig(model="m"))  # type: ignore[arg-type]
+
+    async def second_waits() -> None:
+        while head.waiting < 1:
+            await asyncio.sleep(0.01)
+
+    async def generate() -> None:
+        async with contextlib.aclosing(head.generate([1, 2, 3], Budget(Mode.AR, 2), SamplingParams(), 4)) as tokens:
+            async for _ in tokens:
+                pass
+
+    async def counts(http: test_utils.TestClient) -> tuple[float, float, int]:  # type: ignore[type-arg]
+        gauges = {sample.name: sample.value for family in text_string_to_metric_families(
+            await (await http.get("/metrics")).text()) for sample in family.samples}
+        health = await (await http.get("/health")).json()
+        return gauges["flowspec:num_requests_running"], gauges["flowspec:num_requests_waiting"], health["running"]
+
+    try:
+        async with test_utils.TestClient(test_utils.TestServer(server.app())) as http:
+            requests = [asyncio.create_task(generate()) for _ in range(2)]
+            await asyncio.wait_for(second_waits(), 30)  # for the first's place
+            assert await counts(http) == (1.0, 1.0, 0)
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(*requests), 30)
+            assert await counts(http) == (0.0, 0.0, 0)
+    finally:
+        await backend.aclose()
+
+
+def test_past_the_context_is_the_heads_one_rule_with_openais_code() -> None:
+    """The server asks the head's check_request (one context rule) and answers with OpenAI's code for it."""
+    from types import SimpleNamespace
+
+    from flowspec.errors import RequestRejected
+    from flowspec.node.head import HeadNode
+    from flowspec.serve.protocol import parse_completion
+    from flowspec.serve.serving import ServeConfig, Serving
+    from tests.node.fakes import CountingHead, FakeStages
+
+    head = HeadNode(CountingHead(), FakeStages(2))  # type: ignore[arg-type]  # a context of 4096 positions
+    with pytest.raises(RequestRejected) as rejected:
+        head.check_request(10, 4086)
+    assert rejected.value.code == "context_length_exceeded"
+    head.check_request(10, 4085)
+    serving = Serving(SimpleNamespace(head=head), ServeConfig(model="m"))  # type: ignore[arg-type]
+    gen = parse_completion({"model": "m", "prompt": list(range(10)), "max_tokens": 4086}, Limits(), vocab_size=16)
+    with pytest.raises(ApiError) as api:
+        serving.completion(gen)
+    assert (api.value.status, api.value.code, api.value.param) == (400, "context_length_exceeded", "max_tokens")
+    assert str(rejected.value) == api.value.message

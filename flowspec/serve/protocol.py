@@ -1,24 +1,30 @@
-"""OpenAI request bodies in, a validated `Generation` out, or an `ApiError` that names the offending field.
+"""OpenAI's wire shapes, both ways, as pure functions over JSON values: no HTTP and no pipeline here.
 
-Pure functions over parsed JSON: no HTTP here. What flowspec honours: `messages` (or `prompt`), `max_tokens` /
-`max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`.
-Fields that OpenAI clients send with their neutral value (`n: 1`, `frequency_penalty: 0`, `logprobs: false`,
-`tools: []`, ...) are accepted and ignored; any other value of them is refused with a 400 naming the field,
-because silently ignoring it would change what the client asked for. Fields that change nothing about the
-output (`user`, `metadata`, `store`, ...) and fields this server does not know are ignored.
+In: a request body (parsed JSON) becomes a validated `Generation`, or an `ApiError` that names the offending
+field. What flowspec honours: `messages` (or `prompt`), `max_tokens` / `max_completion_tokens`, `temperature`,
+`top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`. Fields that OpenAI clients send with their
+neutral value (`n: 1`, `frequency_penalty: 0`, `logprobs: false`, `tools: []`, ...) are accepted and ignored;
+any other value of them is refused with a 400 naming the field, because silently ignoring it would change what
+the client asked for. Fields that change nothing about the output (`user`, `metadata`, `store`, ...) and fields
+this server does not know are ignored.
+
+Out: the bodies of an answer (`CHAT`, `COMPLETION`: whole, or the chunks of a stream), `usage`, the error body
+(`ApiError.body`) and the errors the server itself names, and the server-sent event framing (`sse`, `SSE_DONE`).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flowspec.errors import ConfigError
+from flowspec.errors import ConfigError, FlowSpecError
 from flowspec.sched import SamplingParams
 
-__all__ = ["ApiError", "Generation", "Limits", "parse_chat", "parse_completion"]
+__all__ = ["CHAT", "COMPLETION", "SSE_DONE", "ApiError", "Generation", "Kind", "Limits", "parse_chat",
+           "parse_completion", "pipeline_failed", "shutting_down", "sse", "usage"]
 
 _MAX_STOP = 4  # stop sequences per request, as OpenAI
 _MAX_STOP_CHARS = 256  # per stop sequence: a stop string is matched in the text as it grows
@@ -235,3 +241,80 @@ def _stop(v: object) -> tuple[str, ...]:
         raise ApiError(400, f"'stop' must be a string or a list of at most {_MAX_STOP} non-empty strings of at most "
                        f"{_MAX_STOP_CHARS} characters", param="stop")
     return tuple(stops)
+
+
+# -- responses ------------------------------------------------------------------------------------------------
+def pipeline_failed(exc: FlowSpecError) -> ApiError:
+    return ApiError(503, f"the pipeline failed: {exc}", type="server_error", code="pipeline_error")
+
+
+def shutting_down(what: str = "it takes no new requests") -> ApiError:
+    return ApiError(503, f"the server is shutting down: {what}", type="server_error", code="server_shutdown")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+SSE_DONE = b"data: [DONE]\n\n"  # a stream's last event, after its last chunk or its error
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    """One server-sent event: a chunk, or an error body."""
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Kind:
+    """The response shapes of one endpoint: `rid` is the answer's id, `created` its Unix time."""
+
+    prefix = ""  # of the answer's id
+    chunk_object = ""
+
+    def opening(self, rid: str, created: int, model: str) -> dict[str, Any] | None:
+        return None
+
+    def chunk(self, rid: str, created: int, model: str, delta: str, finish: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def whole(self, rid: str, created: int, model: str, text: str, finish: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def usage_chunk(self, rid: str, created: int, model: str, counts: dict[str, int]) -> dict[str, Any]:
+        """A stream's last chunk when the client asked for usage (stream_options.include_usage): no choices."""
+        return {"id": rid, "object": self.chunk_object, "created": created, "model": model, "choices": [],
+                "usage": counts}
+
+
+class _Chat(Kind):
+    prefix, chunk_object = "chatcmpl", "chat.completion.chunk"
+
+    def opening(self, rid: str, created: int, model: str) -> dict[str, Any] | None:
+        return {"id": rid, "object": self.chunk_object, "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}]}
+
+    def chunk(self, rid: str, created: int, model: str, delta: str, finish: str | None) -> dict[str, Any]:
+        return {"id": rid, "object": self.chunk_object, "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {"content": delta} if delta else {}, "logprobs": None,
+                             "finish_reason": finish}]}
+
+    def whole(self, rid: str, created: int, model: str, text: str, finish: str) -> dict[str, Any]:
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": finish}]}
+
+
+class _Completion(Kind):
+    prefix, chunk_object = "cmpl", "text_completion"
+
+    def chunk(self, rid: str, created: int, model: str, delta: str, finish: str | None) -> dict[str, Any]:
+        return {"id": rid, "object": self.chunk_object, "created": created, "model": model,
+                "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def whole(self, rid: str, created: int, model: str, text: str, finish: str) -> dict[str, Any]:
+        return self.chunk(rid, created, model, text, finish)
+
+
+CHAT: Kind = _Chat()  # POST /v1/chat/completions
+COMPLETION: Kind = _Completion()  # POST /v1/completions
