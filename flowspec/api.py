@@ -159,7 +159,8 @@ class Cluster:
         tokenizer = await asyncio.to_thread(load_tokenizer, dep.model, config.cache_dir)
         cluster = cls(head, dep, config, tokenizer, local, head_device)
         try:
-            await head.connect()
+            with _flowspec_errors():  # what fails while connecting comes out as the FlowSpecError it is
+                await head.connect()
         except BaseException:
             await head.aclose()
             raise
