@@ -9,24 +9,16 @@ from typing import Any
 
 import pytest
 
-from flowspec.config import parse_peers
 from flowspec.errors import StageFailed
-from flowspec.net import Timeouts, serve
-from flowspec.node.build import build_head, build_stage, deployment
-from flowspec.node.local import free_ports
+from flowspec.net import Timeouts
+from flowspec.node.build import build_head
 from flowspec.sched import Budget, Mode, SamplingParams
-from tests.faults.test_kv_bound import tiny_llama
+from tests.faults.test_kv_bound import tiny_llama, tiny_stages
 
 
 async def test_a_runtime_error_in_a_stage_fails_the_request_within_a_second(tmp_path: Path) -> None:
-    folder = tiny_llama(tmp_path / "tiny-llama")
-    dep = deployment(str(folder), 2, cache_dir=tmp_path / "cache")
-    ports = free_ports(3)
-    peers = parse_peers("\n".join(f"127.0.0.1:{p}" for p in ports))
+    dep, peers, nodes, servers = await tiny_stages(tiny_llama(tmp_path / "tiny-llama"), 2, tmp_path / "cache")
     timeouts = Timeouts()
-    nodes = [build_stage(dep, peers, k, None, timeouts) for k in (1, 2)]
-    servers = [await serve("127.0.0.1", ports[k], hello=node.hello, secret=None, limits=node.limits,
-                           timeouts=timeouts, on_link=node.on_link) for k, node in enumerate(nodes, start=1)]
     head = build_head(dep, peers, None, timeouts, step_timeout=30.0, recovery_timeout=30.0)
     await head.connect()
     real_forward = nodes[1].model.forward

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from asyncio import Server
 from pathlib import Path
 
 import pytest
 import torch
 
-from flowspec.config import parse_peers
+from flowspec.config import Peers, parse_peers
 from flowspec.net import MAX_REQUESTS, Close, Error, Open, Prefill, Stats, Timeouts, connect, serve
-from flowspec.node.build import build_head, build_stage, deployment
+from flowspec.node.build import Deployment, build_head, build_stage, deployment
 from flowspec.node.head import GenerationResult
 from flowspec.node.local import LocalCluster, free_ports
-from flowspec.node.stage import _TREE_SLACK_MAX
+from flowspec.node.stage import _TREE_SLACK_MAX, StageNode
 from flowspec.sched import Budget, Mode, SamplingParams
 from flowspec.store import make_drafter
 from tests.faults.conftest import SMOL, rss_mb
@@ -41,17 +42,24 @@ def tiny_llama(folder: Path) -> Path:
     return folder
 
 
+async def tiny_stages(folder: Path, n: int, cache: Path) -> tuple[Deployment, Peers, list[StageNode], list[Server]]:
+    """n stages of the tiny model serving on loopback in this process (each on this loop; compute threads)."""
+    dep = deployment(str(folder), n, cache_dir=cache)
+    ports = free_ports(n + 1)
+    peers = parse_peers("\n".join(f"127.0.0.1:{p}" for p in ports))
+    timeouts = Timeouts()
+    nodes = [build_stage(dep, peers, k, None, timeouts) for k in range(1, n + 1)]
+    servers = [await serve("127.0.0.1", ports[k], hello=node.hello, secret=None, limits=node.limits,
+                           timeouts=timeouts, on_link=node.on_link) for k, node in enumerate(nodes, start=1)]
+    return dep, peers, nodes, servers
+
+
 @pytest.mark.slow
 async def test_long_generation_keeps_stage_kv_bounded(tmp_path: Path) -> None:
     folder = tiny_llama(tmp_path / "tiny-llama")
     cache = tmp_path / "cache"
-    dep = deployment(str(folder), 3, cache_dir=cache)
-    ports = free_ports(4)
-    peers = parse_peers("\n".join(f"127.0.0.1:{p}" for p in ports))
+    dep, peers, nodes, servers = await tiny_stages(folder, 3, cache)
     timeouts = Timeouts()
-    nodes = [build_stage(dep, peers, k, None, timeouts) for k in (1, 2, 3)]
-    servers = [await serve("127.0.0.1", ports[k], hello=node.hello, secret=None, limits=node.limits,
-                           timeouts=timeouts, on_link=node.on_link) for k, node in enumerate(nodes, start=1)]
     drafter = make_drafter("self", str(folder), cache, capacity=256)  # the drafter's own cache may grow
     head = build_head(dep, peers, None, timeouts, drafter=drafter)
     budget = Budget(mode=Mode.FLOWSPEC, num_stages=3)

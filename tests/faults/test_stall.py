@@ -22,14 +22,12 @@ import pytest
 from flowspec import compat
 from flowspec.api import _flowspec_errors, _unwrap
 from flowspec.compat import BaseExceptionGroup
-from flowspec.config import parse_peers
 from flowspec.errors import RequestCancelled, StageFailed, StageTimeout
-from flowspec.net import Timeouts, serve
+from flowspec.net import Timeouts
 from flowspec.node import driver
-from flowspec.node.build import build_head, build_stage, deployment
-from flowspec.node.local import free_ports
+from flowspec.node.build import build_head
 from flowspec.sched import Budget, Mode, SamplingParams
-from tests.faults.test_kv_bound import tiny_llama
+from tests.faults.test_kv_bound import tiny_llama, tiny_stages
 
 STEP_TIMEOUT = 1.0  # the stalled stage never answers: any step timeout ends the request the same way
 
@@ -54,14 +52,8 @@ async def timeout_as_on_310(delay: float | None) -> AsyncIterator[None]:
 async def generate_with_a_stalled_stage(tmp_path: Path) -> None:
     """Generate through 2 in-process stages whose stage 2 never finishes a forward (its loop, and so its
     heartbeats, keep running), with the API's exception map around the head's stream."""
-    folder = tiny_llama(tmp_path / "tiny-llama")
-    dep = deployment(str(folder), 2, cache_dir=tmp_path / "cache")
-    ports = free_ports(3)
-    peers = parse_peers("\n".join(f"127.0.0.1:{p}" for p in ports))
+    dep, peers, nodes, servers = await tiny_stages(tiny_llama(tmp_path / "tiny-llama"), 2, tmp_path / "cache")
     timeouts = Timeouts()
-    nodes = [build_stage(dep, peers, k, None, timeouts) for k in (1, 2)]
-    servers = [await serve("127.0.0.1", ports[k], hello=node.hello, secret=None, limits=node.limits,
-                           timeouts=timeouts, on_link=node.on_link) for k, node in enumerate(nodes, start=1)]
     head = build_head(dep, peers, None, timeouts, step_timeout=STEP_TIMEOUT, recovery_timeout=30.0)
     release = threading.Event()
 
