@@ -134,8 +134,9 @@ async def _serve(args: argparse.Namespace) -> int:
                      stages=cluster.head.num_stages, max_concurrent=args.max_concurrent)
             stops = _Stops()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stops)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # SIGHUP under nohup stays ignored
+                    loop.add_signal_handler(sig, stops)
             await stops.asked.wait()
             print(f"flowspec serve: stopping (answers in flight get {args.shutdown_grace:g} s; Ctrl-C again to "
                   "end them now)", flush=True)
@@ -146,7 +147,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 class _Stops:
-    """SIGINT and SIGTERM while serving: the first asks for a drain, the next one ends it now."""
+    """SIGINT, SIGTERM and SIGHUP while serving: the first asks for a drain, the next one ends it now."""
 
     def __init__(self) -> None:
         self.asked, self.now = asyncio.Event(), asyncio.Event()

@@ -153,13 +153,14 @@ async def test_sigterm_drains_then_ends_the_open_stream_and_leaves_nothing(tmp_p
 
 
 async def test_a_second_signal_ends_the_drain_at_once(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal) drains as SIGTERM does (it used to do nothing); SIGINT then ends it."""
     grace = 600.0  # longer than this test may take: only the second signal can end the stream in time
     server = start_server(tmp_path, "--shutdown-grace", str(grace))
     try:
         stages = {k: server.stage_pid(k) for k in range(1, STAGES + 1)}
         with kept_stage_logs(server) as logs:
             async with long_stream(server) as stream:
-                server.proc.send_signal(signal.SIGTERM)
+                server.proc.send_signal(signal.SIGHUP)
                 await refused_while_draining(server, 60)
                 assert content(await stream.next()), "the stream did not go on during the drain"
                 server.proc.send_signal(signal.SIGINT)
