@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ __all__ = ["HEARTBEAT_TIMEOUT_S", "RECOVERY_TIMEOUT_S", "STEP_TIMEOUT_S", "Clust
            "load_secret", "parse_peers", "read_peers", "read_text_file", "split_address"]
 
 # The pipeline's deadlines, one default each (the CLI's flags, the API and every node read them here).
-HEARTBEAT_TIMEOUT_S = 5.0  # silence before a peer is dead: 5 missed pings, longer than a Wi-Fi spike
+HEARTBEAT_TIMEOUT_S = Timeouts().heartbeat_timeout  # silence before a peer is dead (net/link.py says why)
 STEP_TIMEOUT_S = 60.0  # no progress this long with heartbeats flowing: a stage is stalled (a Pi's long prefill
 # takes tens of seconds per stage)
 RECOVERY_TIMEOUT_S = 30.0  # how long a stage that is not up yet, or was lost, is waited for
@@ -240,9 +239,6 @@ class ClusterConfig:
     def link_timeouts(self) -> Timeouts:
         """The head's link deadlines (and the stages' heartbeat, for local stages)."""
         return self.timeouts or Timeouts.for_heartbeat(self.heartbeat_timeout)
-
-    def formats(self) -> Mapping[str, Any]:
-        return {"device": self.device, "dtype": self.dtype, "quant": self.quant, "group_size": self.group_size}
 
     def stage_args(self) -> list[str]:
         """What every local stage process is started with, so that it runs as this head expects."""

@@ -111,8 +111,11 @@ class BudgetOverrides:
     def __post_init__(self) -> None:
         for name, value in self.items():
             kind = type(getattr(_DEFAULTS, name))  # bool, int or float
-            numeric = (int, float) if kind is float else (int,)
-            if type(value) is not bool if kind is bool else isinstance(value, bool) or not isinstance(value, numeric):
+            if kind is bool:
+                right_type = type(value) is bool
+            else:  # a bool is an int to Python, never a count or a fraction here
+                right_type = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+            if not right_type:
                 raise ConfigError(f"budget field {name} takes {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
             _check_field(name, value)
 

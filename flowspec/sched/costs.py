@@ -20,7 +20,7 @@ The rules, each from one ratio of the curves:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from flowspec.errors import ConfigError
@@ -113,13 +113,12 @@ def choose_budget(mode: Mode, num_stages: int, costs: CostModel | None,
 
 def _with(mode: Mode, num_stages: int, chosen: dict[str, Any], overrides: BudgetOverrides) -> Budget:
     """Budget from the chosen fields (over Budget's defaults) and the overrides, which win."""
-    given = dict(overrides.items())
-    fields_now = {f.name: getattr(Budget(mode, num_stages), f.name) for f in fields(Budget)} | chosen | given
-    tree = fields_now["max_tree"]
+    base, given = Budget(mode, num_stages), dict(overrides.items())
+    values = {**chosen, **given}
+    tree = values.get("max_tree", base.max_tree)
     for name in ("init_tokens", "expand_tokens"):  # the one rule across fields: trees fit under max_tree
         if name not in given:
-            fields_now[name] = min(fields_now[name], tree - 1)
+            values[name] = min(values.get(name, getattr(base, name)), tree - 1)
     if "max_tree" not in given:
-        fields_now["max_tree"] = max(tree, fields_now["init_tokens"] + 1, fields_now["expand_tokens"] + 1)
-    del fields_now["mode"], fields_now["num_stages"]
-    return Budget(mode=mode, num_stages=num_stages, **fields_now)
+        values["max_tree"] = max(tree, values["init_tokens"] + 1, values["expand_tokens"] + 1)
+    return replace(base, **values)
